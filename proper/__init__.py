@@ -1,0 +1,45 @@
+"""proper: PROPER-style personalized LLMs (population LoRA -> group LoRA experts with a
+user-aware router -> per-user LoRA with a LoRA-aware router), fast to train and serve.
+
+    import proper
+    cfg = proper.ProperConfig(num_experts=8, top_k=2, rank=16, num_users=1000,
+                              router=("token", "user", "lora"))
+    model = proper.patch_model(hf_model, cfg)
+    with proper.user_context(model, user_ids):   # one id per sequence, -1 = no row
+        out = model(input_ids=...)
+"""
+
+from .config import ProperConfig
+from .io import AdapterFileError, load_adapters, load_config, save_adapters
+from .layer import ProperLinear
+from .patching import (
+    aux_losses,
+    get_config,
+    is_patched,
+    merge,
+    patch_model,
+    proper_layers,
+    set_backend,
+    unpatch,
+    user_context,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterFileError",
+    "ProperConfig",
+    "ProperLinear",
+    "aux_losses",
+    "get_config",
+    "is_patched",
+    "load_adapters",
+    "load_config",
+    "merge",
+    "patch_model",
+    "proper_layers",
+    "save_adapters",
+    "set_backend",
+    "unpatch",
+    "user_context",
+]

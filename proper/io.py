@@ -1,0 +1,170 @@
+"""Adapters on disk: one safetensors file plus a JSON config, written atomically.
+
+Layout of a directory written by ``save_adapters``:
+
+- ``adapter_model.safetensors``: every ProperLinear tensor named
+  ``<module name>.<parameter>`` (``model.layers.0.mlp.gate_proj.lora_A``); its metadata
+  holds the format tag, the config as JSON and a SHA-256 of the tensor data, so the file
+  alone is enough to check and load.
+- ``proper_config.json``: the same config, for people and tools.
+
+Each file is written to a temporary name in the same directory and renamed into place,
+so a crash never leaves a half-written file under the real name. Loading checks the
+whole file (format, checksum, config, names, shapes, finite values) before it touches
+the model: a file that fails any check is refused and the model is left unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Union
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from .config import ProperConfig
+from .patching import _patch_of, is_patched, patch_model, unpatch
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "proper_config.json"
+FORMAT = "proper-adapters/1"
+
+# Fields that change what the adapters compute; a file must agree on all of them.
+_MATCHING_FIELDS = ("num_experts", "top_k", "rank", "alpha", "user_rank", "user_alpha", "num_users", "router", "temperature")
+
+
+class AdapterFileError(ValueError):
+    """An adapter file that is missing, corrupt or does not fit the model."""
+
+
+def _digest(tensors: dict[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Every adapter tensor of a patched model, by checkpoint name."""
+    return {
+        f"{name}.{pname}": p
+        for name, layer in _patch_of(model).layers.items()
+        for pname, p in layer.adapter_parameters().items()
+    }
+
+
+def save_adapters(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
+    """Write the adapters of a patched model to directory `path` (created if needed)."""
+    config = _patch_of(model).config
+    tensors = {k: v.detach().cpu().contiguous() for k, v in adapter_state_dict(model).items()}
+    for name, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"refusing to save: adapter tensor {name!r} contains NaN or Inf")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": FORMAT, "config": config.to_json(), "sha256": _digest(tensors)}
+    _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+    def write_json(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(config.to_json() + "\n")
+
+    _atomic_write(path / CONFIG_NAME, write_json)
+    return path
+
+
+def _read(path: Path) -> tuple[ProperConfig, dict[str, Tensor]]:
+    weights = path / WEIGHTS_NAME if path.is_dir() else path
+    if not weights.is_file():
+        raise AdapterFileError(f"no adapter file at {weights}")
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise AdapterFileError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    if metadata.get("format") != FORMAT:
+        raise AdapterFileError(f"{weights} is not a proper adapter file (format {metadata.get('format')!r})")
+    if metadata.get("sha256") != _digest(tensors):
+        raise AdapterFileError(f"{weights} failed its checksum: the tensor data is corrupt")
+    try:
+        config = ProperConfig.from_json(metadata["config"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise AdapterFileError(f"{weights} holds an invalid config: {e}") from None
+    return config, tensors
+
+
+def load_config(path: Union[str, os.PathLike]) -> ProperConfig:
+    """The ProperConfig stored with the adapters at `path`."""
+    return _read(Path(path))[0]
+
+
+def load_adapters(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
+    """Load adapters saved by ``save_adapters`` into `model`; returns `model`.
+
+    A model that is not patched yet is patched with the stored config first. Everything is
+    checked before anything is copied: on any error the model is left as it was.
+    """
+    config, tensors = _read(Path(path))
+    patched_here = not is_patched(model)
+    if patched_here:
+        patch_model(model, config)
+    try:
+        _check_and_copy(model, config, tensors, str(path))
+    except BaseException:
+        if patched_here:
+            unpatch(model)
+        raise
+    return model
+
+
+def _check_and_copy(model: nn.Module, config: ProperConfig, tensors: dict[str, Tensor], where: str) -> None:
+    current = _patch_of(model).config
+    for field in _MATCHING_FIELDS:
+        if getattr(config, field) != getattr(current, field):
+            raise AdapterFileError(
+                f"{where} was saved with {field}={getattr(config, field)!r} but the model has "
+                f"{field}={getattr(current, field)!r}"
+            )
+    params = adapter_state_dict(model)
+    missing = sorted(set(params) - set(tensors))
+    extra = sorted(set(tensors) - set(params))
+    if missing or extra:
+        raise AdapterFileError(
+            f"{where} does not fit the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}"
+        )
+    for name, p in params.items():
+        t = tensors[name]
+        if tuple(t.shape) != tuple(p.shape):
+            raise AdapterFileError(f"{where}: {name} has shape {tuple(t.shape)}, the model expects {tuple(p.shape)}")
+        if not t.is_floating_point():
+            raise AdapterFileError(f"{where}: {name} has dtype {t.dtype}, expected a floating-point tensor")
+        if not bool(torch.isfinite(t).all()):
+            raise AdapterFileError(f"{where}: {name} contains NaN or Inf")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name])

@@ -1,0 +1,216 @@
+"""ProperLinear: a frozen linear layer plus group LoRA experts, routers and a user LoRA bank."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+import proper_kernels
+from proper_kernels.reference import Routing
+
+from .config import ProperConfig
+
+ADAPTER_PARAMS = ("lora_A", "lora_B", "router_x", "router_user", "router_h", "user_A", "user_B")
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2 style Conv1D: a linear layer whose weight is stored [in, out]."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(module, Conv1D)
+
+
+def base_features(base: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or a Conv1D."""
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features
+    if is_conv1d(base):
+        d_in, d_out = base.weight.shape
+        return d_in, d_out
+    raise TypeError(f"base must be an nn.Linear or a transformers Conv1D, got {type(base).__name__}")
+
+
+class UserState:
+    """The user ids of the current batch, shared by every ProperLinear of one model."""
+
+    def __init__(self, num_users: int) -> None:
+        self.num_users = num_users
+        self.user_ids: Optional[Tensor] = None
+
+
+class ProperLinear(nn.Module):
+    """y = base(x) + s_g * sum_e g_e B_e A_e x + s_u * B^u A^u x (SPEC.md "One layer").
+
+    ``base`` stays frozen and is called as it is, so a fresh layer (every B zero) gives
+    exactly the base layer's output. User ids come from ``proper.user_context``; a layer
+    made by hand can also be given ``user_ids=`` in ``forward``.
+    """
+
+    def __init__(self, base: nn.Module, config: ProperConfig, state: Optional[UserState] = None) -> None:
+        super().__init__()
+        if not isinstance(config, ProperConfig):
+            raise TypeError(f"config must be a proper.ProperConfig, got {type(config).__name__}")
+        d_in, d_out = base_features(base)
+        self.base = base
+        self.in_features, self.out_features = d_in, d_out
+        self.num_experts = config.num_experts
+        self.rank = config.rank
+        self.user_rank = config.user_rank if config.has_user_bank else 0
+        self.num_users = config.num_users
+        self.top_k = config.top_k
+        self.scaling = config.scaling
+        self.user_scaling = config.user_scaling if config.has_user_bank else 0.0
+        self.temperature = config.temperature
+        self.dropout = config.dropout
+        self.backend = config.backend
+        self.last_backend: Optional[str] = None
+        self._state = state if state is not None else UserState(config.num_users)
+        self._routing: Optional[Routing] = None
+        for p in base.parameters():
+            p.requires_grad_(False)
+
+        w = base.weight
+        kw = dict(device=w.device, dtype=w.dtype if w.is_floating_point() else torch.float32)
+        E, r, r_u, N = self.num_experts, self.rank, self.user_rank, self.num_users
+        self.lora_A = nn.Parameter(torch.empty(E, r, d_in, **kw))
+        self.lora_B = nn.Parameter(torch.empty(E, d_out, r, **kw))
+        param = lambda on, *shape: nn.Parameter(torch.empty(*shape, **kw)) if on else None  # noqa: E731
+        self.router_x = param("token" in config.router, E, d_in)
+        self.router_user = param("user" in config.router, N + 1, E)
+        self.router_h = param("lora" in config.router, E, r_u)
+        self.user_A = param(config.has_user_bank, N, r_u, d_in)
+        self.user_B = param(config.has_user_bank, N, d_out, r_u)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """A as PEFT (kaiming-uniform, a=sqrt(5): U(-1/sqrt(in), 1/sqrt(in))), B = 0, routers N(0, 0.02)."""
+        bound = 1.0 / math.sqrt(self.in_features)
+        self.lora_A.uniform_(-bound, bound)
+        self.lora_B.zero_()
+        if self.user_A is not None:
+            self.user_A.uniform_(-bound, bound)
+            self.user_B.zero_()
+        for router in (self.router_x, self.router_user, self.router_h):
+            if router is not None:
+                router.normal_(0.0, 0.02)
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """The trainable tensors by their checkpoint names (absent parts left out)."""
+        return {n: getattr(self, n) for n in ADAPTER_PARAMS if getattr(self, n) is not None}
+
+    @property
+    def needs_user_ids(self) -> bool:
+        return self.router_user is not None or self.user_A is not None
+
+    def forward(self, x: Tensor, user_ids: Optional[Tensor] = None) -> Tensor:
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(f"x must end with {self.in_features} features, got shape {tuple(x.shape)}")
+        base_out = self.base(x)
+        checked = False
+        if user_ids is None and self.needs_user_ids:
+            user_ids = self._state.user_ids
+            checked = True  # validated once by user_context
+            if user_ids is None:
+                raise RuntimeError(
+                    "this ProperLinear has a user-aware router or a user bank but no user ids were "
+                    "given: wrap the call in `with proper.user_context(model, user_ids):` "
+                    "(use -1 for a user without a row)"
+                )
+        if not self.needs_user_ids:
+            user_ids = None
+        # Adapters run in their own dtype (as PEFT does); the result goes back to base's dtype.
+        dt = self.lora_A.dtype
+        y, routing = proper_kernels.proper_linear(
+            x.to(dt),
+            base_out.to(dt),
+            self.lora_A,
+            self.lora_B,
+            self.scaling,
+            top_k=self.top_k,
+            temperature=self.temperature,
+            router_x=self.router_x,
+            router_user=self.router_user,
+            router_h=self.router_h,
+            user_ids=user_ids,
+            user_A=self.user_A,
+            user_B=self.user_B,
+            user_scaling=self.user_scaling,
+            dropout=self.dropout,
+            training=self.training,
+            return_routing=True,
+            check_user_ids=not checked,
+            backend=self.backend,
+        )
+        self.last_backend = proper_kernels.last_backend("proper_linear")
+        self._routing = routing if (self.training and self.num_experts > 1) else None
+        return y.to(base_out.dtype)
+
+    # -- auxiliary losses -------------------------------------------------------------
+
+    def load_balance_loss(self) -> Tensor:
+        """Switch-style balance over experts from the last training forward: E * sum_e f_e P_e.
+
+        f_e: the share of (token, slot) assignments that went to expert e; P_e: the mean
+        router probability of e. Equals 1 when routing is uniform; zero with one expert or
+        before any training forward.
+        """
+        if self._routing is None:
+            return self.lora_A.new_zeros(())
+        logits, _, indices = self._routing
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        counts = torch.zeros(self.num_experts, device=logits.device).index_add_(
+            0, indices.reshape(-1), torch.ones(indices.numel(), device=logits.device)
+        )
+        f = counts / indices.numel()
+        return self.num_experts * (f * probs.mean(0)).sum()
+
+    def distinctness_loss(self) -> Tensor:
+        """Mean squared cosine similarity between different experts' A (and B) matrices.
+
+        0 when the experts are pairwise orthogonal; 1 when they are all parallel.
+        """
+        E = self.num_experts
+        if E < 2:
+            return self.lora_A.new_zeros(())
+        total = self.lora_A.new_zeros((), dtype=torch.float32)
+        for w in (self.lora_A, self.lora_B):
+            v = F.normalize(w.reshape(E, -1).float(), dim=1, eps=1e-12)
+            gram = v @ v.t()
+            off = gram - torch.diag_embed(torch.diagonal(gram))
+            total = total + off.pow(2).sum() / (E * (E - 1))
+        return total
+
+    # -- merging ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the population LoRA (one expert, gate 1) into the base weight; B becomes 0.
+
+        Exact only with a single expert, whose gate is always 1; with more experts the gates
+        depend on the token and no merge exists, so this raises.
+        """
+        if self.num_experts != 1:
+            raise ValueError(
+                f"merge() needs a single expert (the population LoRA), this layer has {self.num_experts}"
+            )
+        delta = (self.lora_B[0].float() @ self.lora_A[0].float()) * self.scaling  # [out, in]
+        w = self.base.weight
+        w.add_((delta.t() if is_conv1d(self.base) else delta).to(w.dtype))
+        self.lora_B.zero_()
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, top_k={self.top_k}, "
+            f"rank={self.rank}, users={self.num_users if self.user_A is not None else 0}, "
+            f"user_rank={self.user_rank}, backend={self.backend!r}"
+        )

@@ -1,0 +1,208 @@
+"""Swap ProperLinear into a Hugging Face model in place, and undo it.
+
+Like Liger-Kernel's ``apply_liger_kernel_to_*`` the swap is explicit and reversible:
+``patch_model`` records every module it replaced and every ``requires_grad`` flag it
+changed, and ``unpatch`` puts the very same objects and flags back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+import proper_kernels
+
+from .config import BACKENDS, ProperConfig
+from .layer import ProperLinear, UserState, is_conv1d
+
+_ATTR = "_proper"
+
+
+class _Patch:
+    """What patch_model did to a model, kept on it so that unpatch can undo it."""
+
+    def __init__(self, config: ProperConfig, state: UserState) -> None:
+        self.config = config
+        self.state = state
+        self.layers: dict[str, ProperLinear] = {}
+        self.requires_grad: dict[str, bool] = {}
+
+
+def _patch_of(model: nn.Module) -> _Patch:
+    patch = getattr(model, _ATTR, None)
+    if patch is None:
+        raise ValueError("model is not patched: call proper.patch_model(model, config) first")
+    return patch
+
+
+def is_patched(model: nn.Module) -> bool:
+    return getattr(model, _ATTR, None) is not None
+
+
+def _matches(name: str, targets: Union[str, Sequence[str]]) -> Optional[str]:
+    """The pattern that selects module `name`, or None. A str is a regex matched against the
+    whole module name; a list holds names matched against the end of the module name."""
+    if isinstance(targets, str):
+        return targets if re.fullmatch(targets, name) else None
+    for t in targets:
+        if name == t or name.endswith("." + t):
+            return t
+    return None
+
+
+def patch_model(
+    model: nn.Module, config: ProperConfig, *, target_modules: Optional[Union[str, Sequence[str]]] = None
+) -> nn.Module:
+    """Replace the target linear layers of `model` by ProperLinear, in place; returns `model`.
+
+    ``target_modules`` (default ``config.target_modules``): a list of names matched against
+    the end of each module's dotted name (``"gate_proj"``, ``"output.dense"``), or one regex
+    matched against the whole name. Every pattern must match a module, and every match must
+    be an ``nn.Linear`` or a transformers ``Conv1D``. Every parameter outside the adapters is
+    frozen, as PEFT does.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(config, ProperConfig):
+        raise TypeError(f"config must be a proper.ProperConfig, got {type(config).__name__}")
+    if is_patched(model):
+        raise ValueError("model is already patched; call proper.unpatch(model) first")
+    if target_modules is not None:
+        config = ProperConfig.from_dict({**config.to_dict(), "target_modules": target_modules})
+    targets = config.target_modules
+
+    found: dict[str, nn.Module] = {}
+    used: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, ProperLinear):
+            raise ValueError(f"model already holds a ProperLinear at {name!r}")
+        pattern = _matches(name, targets)
+        if pattern is None:
+            continue
+        if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+            raise TypeError(
+                f"target_modules pattern {pattern!r} matches {name!r}, a {type(module).__name__}; "
+                "only nn.Linear and transformers Conv1D layers can be patched"
+            )
+        found[name] = module
+        used.add(pattern)
+    if isinstance(targets, str):
+        missing = [] if found else [targets]
+    else:
+        missing = [t for t in targets if t not in used]
+    if missing:
+        raise ValueError(f"target_modules pattern(s) {missing} match no module of {type(model).__name__}")
+
+    patch = _Patch(config, UserState(config.num_users))
+    patch.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, module in found.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = ProperLinear(module, config, state=patch.state)
+        setattr(parent, child, layer)
+        patch.layers[name] = layer
+    setattr(model, _ATTR, patch)
+    return model
+
+
+def proper_layers(model: nn.Module) -> dict[str, ProperLinear]:
+    """The ProperLinear layers of a patched model, by module name."""
+    return dict(_patch_of(model).layers)
+
+
+def get_config(model: nn.Module) -> ProperConfig:
+    return _patch_of(model).config
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Put back the original modules (the very same objects) and requires_grad flags."""
+    patch = _patch_of(model)
+    for name, layer in patch.layers.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.base)
+    for n, p in model.named_parameters():
+        if n in patch.requires_grad:
+            p.requires_grad_(patch.requires_grad[n])
+    delattr(model, _ATTR)
+    return model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold each layer's population LoRA into its base weight and unpatch (PEFT's
+    merge_and_unload). Needs one expert and no user bank or user router, where the result
+    is exact; otherwise raises and leaves the model as it was."""
+    patch = _patch_of(model)
+    for name, layer in patch.layers.items():
+        if layer.num_experts != 1 or layer.needs_user_ids:
+            raise ValueError(
+                f"cannot merge {name!r}: merging is exact only for a single expert with no user "
+                "bank or user router (the population stage)"
+            )
+    for layer in patch.layers.values():
+        layer.merge()
+    return unpatch(model)
+
+
+def set_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Choose the kernel backend of every ProperLinear: "auto" | "triton" | "cuda" | "torch".
+
+    Raises (and changes nothing) when that backend cannot run on the model's device.
+    """
+    patch = _patch_of(model)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    for layer in patch.layers.values():
+        proper_kernels.select_backend(backend, layer.lora_A.device)
+    for layer in patch.layers.values():
+        layer.backend = backend
+    patch.config = ProperConfig.from_dict({**patch.config.to_dict(), "backend": backend})
+    return model
+
+
+@contextlib.contextmanager
+def user_context(model: nn.Module, user_ids: Union[Tensor, Sequence[int]]) -> Iterator[Tensor]:
+    """Give every ProperLinear of `model` the user of each sequence for the calls inside.
+
+    ``user_ids``: one integer per sequence of the batch (a LongTensor [batch] or a list);
+    -1 is a user without a row (cold start: group path, default router row). Ids are
+    checked once here; any id < -1 or >= num_users is an error naming it. Contexts nest.
+    """
+    patch = _patch_of(model)
+    if not isinstance(user_ids, Tensor):
+        try:
+            user_ids = torch.as_tensor(user_ids)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"user_ids must be a tensor or a list of integers: {e}") from None
+    if user_ids.is_floating_point() or user_ids.is_complex() or user_ids.dtype == torch.bool:
+        raise TypeError(f"user_ids must be an integer tensor, got dtype {user_ids.dtype}")
+    if user_ids.dim() != 1:
+        raise ValueError(f"user_ids must be 1-D (one id per sequence), got shape {tuple(user_ids.shape)}")
+    from proper_kernels._checks import check_id_range
+
+    check_id_range(user_ids, patch.config.num_users)
+    layers = list(patch.layers.values())
+    device = layers[0].lora_A.device if layers else user_ids.device
+    ids = user_ids.to(device=device, dtype=torch.long)
+    previous = patch.state.user_ids
+    patch.state.user_ids = ids
+    try:
+        yield ids
+    finally:
+        patch.state.user_ids = previous
+
+
+def aux_losses(model: nn.Module) -> dict[str, Tensor]:
+    """Mean over layers of the load-balance loss (from the last training forward) and of
+    the expert distinctness loss, for the trainer to weight and add."""
+    layers = list(_patch_of(model).layers.values())
+    balance = torch.stack([l.load_balance_loss().float() for l in layers]).mean()
+    distinct = torch.stack([l.distinctness_loss().float() for l in layers]).mean()
+    return {"load_balance": balance, "distinctness": distinct}

@@ -1,0 +1,228 @@
+"""One public function per op, each with a ``backend=`` argument.
+
+``backend="auto"`` picks the fastest backend available for the tensors' device; the choice
+is inspectable with :func:`select_backend` before a call and :func:`last_backend` after
+one, and logged at DEBUG level. Asking for a backend that is not available raises an error
+that says why, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _checks, reference
+from .reference import Routing
+
+log = logging.getLogger("proper_kernels")
+
+BACKENDS = ("auto", "triton", "cuda", "torch")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """An implementation of every op. ``available(device)`` returns None or why not."""
+
+    name: str
+    available: Callable[[torch.device], Optional[str]]
+    router_topk: Optional[Callable] = None
+    proper_linear: Optional[Callable] = None
+
+
+def _torch_available(device: torch.device) -> Optional[str]:
+    return None
+
+
+def _not_yet(name: str, issue: str) -> Callable[[torch.device], Optional[str]]:
+    def available(device: torch.device) -> Optional[str]:
+        return f"the {name} backend is not implemented yet ({issue}); use backend='torch'"
+
+    return available
+
+
+_REGISTRY: dict[str, Backend] = {
+    "torch": Backend(
+        "torch", _torch_available, router_topk=reference.router_topk, proper_linear=reference.proper_linear
+    ),
+    "triton": Backend("triton", _not_yet("triton", "the Triton kernels issue")),
+    "cuda": Backend("cuda", _not_yet("cuda", "the CUDA extension issue")),
+}
+
+# Order in which "auto" tries backends: fastest first.
+_AUTO_ORDER = ("cuda", "triton", "torch")
+
+_last: dict[str, str] = {}
+
+
+def register_backend(backend: Backend) -> None:
+    """Install or replace a backend (used by the Triton and CUDA modules when they load)."""
+    if backend.name not in BACKENDS or backend.name == "auto":
+        raise ValueError(f"backend name must be one of {BACKENDS[1:]}, got {backend.name!r}")
+    _REGISTRY[backend.name] = backend
+
+
+def available_backends(device: Union[str, torch.device] = "cpu") -> list[str]:
+    """Names of the backends that can run on `device`, fastest first."""
+    device = torch.device(device)
+    return [n for n in _AUTO_ORDER if _REGISTRY[n].available(device) is None]
+
+
+def select_backend(backend: str, device: Union[str, torch.device]) -> str:
+    """The backend a call with ``backend=`` on tensors of `device` will use, or an error."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    device = torch.device(device)
+    if backend == "auto":
+        return available_backends(device)[0]
+    why = _REGISTRY[backend].available(device)
+    if why is not None:
+        raise RuntimeError(f"backend={backend!r} cannot run on {device}: {why}")
+    return backend
+
+
+def last_backend(op: str = "proper_linear") -> Optional[str]:
+    """The backend that ran the most recent call of `op` in this process (None before any)."""
+    return _last.get(op)
+
+
+def _record(op: str, name: str) -> None:
+    _last[op] = name
+    log.debug("proper_kernels.%s ran on backend %s", op, name)
+
+
+def router_topk(logits: Tensor, top_k: int, temperature: float = 1.0, *, backend: str = "auto"):
+    """softmax(logits / temperature) -> top k -> renormalised (gates [T, k], indices [T, k]).
+
+    Ties go to the lower expert index. A NaN in a row gives NaN gates with valid indices;
+    with PROPER_CHECK_FINITE=1 it raises instead.
+    """
+    _checks.tensor("logits", logits, ndim=2)
+    _check_topk(top_k, logits.shape[1], temperature)
+    if _checks.check_mode():
+        _checks.finite("logits", logits)
+    name = select_backend(backend, logits.device)
+    out = _REGISTRY[name].router_topk(logits, top_k, temperature)
+    _record("router_topk", name)
+    return out
+
+
+def _check_topk(top_k: int, num_experts: int, temperature: float) -> None:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be an integer in [1, {num_experts}] (the number of experts), got {top_k!r}")
+    if not isinstance(temperature, (int, float)) or not temperature > 0 or temperature == float("inf"):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+
+
+def proper_linear(
+    x: Tensor,
+    base_out: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    *,
+    top_k: int,
+    temperature: float = 1.0,
+    router_x: Optional[Tensor] = None,
+    router_user: Optional[Tensor] = None,
+    router_h: Optional[Tensor] = None,
+    user_ids: Optional[Tensor] = None,
+    user_A: Optional[Tensor] = None,
+    user_B: Optional[Tensor] = None,
+    user_scaling: float = 0.0,
+    dropout: float = 0.0,
+    training: bool = False,
+    return_routing: bool = False,
+    check_user_ids: bool = True,
+    backend: str = "auto",
+) -> Union[Tensor, tuple[Tensor, Routing]]:
+    """The fused ProperLinear pass added onto the base product (SPEC.md "One layer").
+
+    x [..., in] and base_out [..., out] (the frozen layer's output for x). user_ids: None
+    (every token is a user without a row), one id per token (x.shape[:-1]) or one per
+    sequence ([x.shape[0]]); -1 is a user without a row. Dropout (rate `dropout`, when
+    `training`) applies to the adapter input, not to the token router.
+
+    Returns y shaped like base_out, or (y, Routing) with ``return_routing=True``.
+    ``check_user_ids=False`` skips the id range check (one host sync) for callers that
+    validated the ids already, as ``proper.user_context`` does.
+    """
+    _checks.tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (the features), got a scalar")
+    _checks.tensor("lora_A", lora_A, ndim=3)
+    _checks.tensor("lora_B", lora_B, ndim=3)
+    E, r, d_in = lora_A.shape
+    if E < 1:
+        raise ValueError("lora_A must hold at least one expert, got shape " + str(tuple(lora_A.shape)))
+    if x.shape[-1] != d_in:
+        raise ValueError(f"x has {x.shape[-1]} features but lora_A expects {d_in} (lora_A is [E, r, in])")
+    _checks.tensor("base_out", base_out)
+    d_out = base_out.shape[-1] if base_out.dim() else -1
+    _checks.shape("base_out", base_out, tuple(x.shape[:-1]) + (d_out,), "x's leading dims, out")
+    _checks.shape("lora_B", lora_B, (E, d_out, r), "E, out, r")
+    _checks.same_device_dtype("x", x, lora_A=lora_A, lora_B=lora_B, base_out=base_out)
+    _check_topk(top_k, E, temperature)
+    if router_x is not None:
+        _checks.tensor("router_x", router_x)
+        _checks.shape("router_x", router_x, (E, d_in), "E, in")
+    if user_A is not None or user_B is not None:
+        if user_A is None or user_B is None:
+            raise ValueError("user_A and user_B must be given together")
+        _checks.tensor("user_A", user_A, ndim=3)
+        n_users, r_u = user_A.shape[0], user_A.shape[1]
+        _checks.shape("user_A", user_A, (n_users, r_u, d_in), "num_users, r_u, in")
+        _checks.shape("user_B", user_B, (n_users, d_out, r_u), "num_users, out, r_u")
+    else:
+        n_users, r_u = None, 0
+    if router_user is not None:
+        _checks.tensor("router_user", router_user, ndim=2)
+        if router_user.shape[1] != E:
+            raise ValueError(f"router_user must have {E} columns (one per expert), got {tuple(router_user.shape)}")
+        if n_users is not None and router_user.shape[0] != n_users + 1:
+            _checks.shape("router_user", router_user, (n_users + 1, E), "num_users + 1, E")
+        if n_users is None:
+            n_users = router_user.shape[0] - 1
+    if router_h is not None:
+        _checks.tensor("router_h", router_h)
+        if user_A is None:
+            raise ValueError("router_h (the LoRA-aware router) needs the user bank user_A/user_B")
+        _checks.shape("router_h", router_h, (E, r_u), "E, r_u")
+    _checks.same_device_dtype(
+        "x", x, router_x=router_x, router_user=router_user, router_h=router_h, user_A=user_A, user_B=user_B
+    )
+    if user_ids is not None:
+        user_ids = _checks.user_ids(user_ids, x, n_users, check_range=check_user_ids)
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+
+    checking = _checks.check_mode()
+    if checking:
+        _checks.finite("x", x)
+    name = select_backend(backend, x.device)
+    x_lora = F.dropout(x, dropout, training=True) if (training and dropout > 0) else x
+    y, routing = _REGISTRY[name].proper_linear(
+        x,
+        base_out,
+        lora_A,
+        lora_B,
+        float(scaling),
+        top_k=top_k,
+        temperature=float(temperature),
+        router_x=router_x,
+        router_user=router_user,
+        router_h=router_h,
+        user_ids=user_ids,
+        user_A=user_A,
+        user_B=user_B,
+        user_scaling=float(user_scaling),
+        x_lora=x_lora,
+    )
+    _record("proper_linear", name)
+    if checking:
+        _checks.finite("router logits", routing.logits)
+    return (y, routing) if return_routing else y

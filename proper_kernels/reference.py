@@ -1,0 +1,171 @@
+"""The whole ProperLinear math of SPEC.md in plain PyTorch: the oracle and the CPU fallback.
+
+Every other backend is tested against these functions. They work in any floating dtype
+(float64 included) and autograd gives their backward. They do not validate their inputs:
+``proper_kernels.proper_linear`` / ``proper_kernels.router_topk`` check arguments once and
+then call a backend such as this one.
+
+Notation (SPEC.md "One layer"): x [T, in] tokens, E experts of rank r (lora_A [E, r, in],
+lora_B [E, out, r]), a bank of N users of rank r_u (user_A [N, r_u, in],
+user_B [N, out, r_u]), routers router_x [E, in], router_user [N + 1, E] (last row: users
+without a row, id -1) and router_h [E, r_u].
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["Routing", "router_logits", "router_topk", "proper_linear", "user_shrink", "user_expand"]
+
+
+class Routing(NamedTuple):
+    """What the router decided for each token (flattened to T tokens)."""
+
+    logits: Tensor  # [T, E] router logits before the temperature
+    gates: Tensor  # [T, k] renormalised gates, in the order of `indices`
+    indices: Tensor  # [T, k] int64 expert indices, best first, ties to the lower index
+
+
+def router_topk(logits: Tensor, top_k: int, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """softmax(logits / temperature) over the last dim, keep the top k, renormalise.
+
+    Ties go to the lower expert index (a stable descending sort). A NaN anywhere in a row
+    makes every gate of that row NaN; its indices stay valid expert numbers.
+    """
+    probs = torch.softmax(logits / temperature, dim=-1)
+    # A stable descending sort keeps equal probabilities in index order, so ties go to the
+    # lower expert; torch.topk gives no such guarantee.
+    indices = torch.sort(probs.detach(), dim=-1, descending=True, stable=True).indices[..., :top_k]
+    top = torch.gather(probs, -1, indices)
+    gates = top / top.sum(dim=-1, keepdim=True)
+    return gates, indices
+
+
+def _groups(user_ids: Tensor, lead_shape: torch.Size) -> tuple[int, Tensor]:
+    """How the T tokens split into S groups of one user each: (S, ids [S]).
+
+    Per-token ids (shaped like x's leading dims) make every token its own group; per-sequence
+    ids ([B] for x [B, ..., in]) keep each sequence together, so a user's rows are gathered
+    once per sequence rather than once per token.
+    """
+    if user_ids.shape == lead_shape:
+        ids = user_ids.reshape(-1)
+    else:
+        ids = user_ids
+    return ids.shape[0], ids
+
+
+def _user_matmul(t: Tensor, lead_shape: torch.Size, user_ids: Tensor, bank: Tensor) -> Tensor:
+    """Each token's row of `t` [T, n] times its user's bank matrix [m, n]; zero for id -1."""
+    S, ids = _groups(user_ids, lead_shape)
+    out = torch.matmul(t.reshape(S, -1, t.shape[-1]), bank[ids.clamp(min=0)].transpose(-1, -2))
+    zero = torch.zeros((), dtype=out.dtype, device=out.device)
+    return torch.where((ids >= 0)[:, None, None], out, zero).reshape(-1, bank.shape[1])
+
+
+def user_shrink(x: Tensor, user_ids: Tensor, user_A: Tensor) -> Tensor:
+    """h_u = A^u x for every token of x [..., in], zero where the id is -1. Returns [T, r_u]."""
+    return _user_matmul(x.reshape(-1, x.shape[-1]), x.shape[:-1], user_ids, user_A)
+
+
+def user_expand(h: Tensor, lead_shape: torch.Size, user_ids: Tensor, user_B: Tensor) -> Tensor:
+    """B^u h_u for every token (zero where the id is -1). h [T, r_u]; returns [T, out]."""
+    return _user_matmul(h, lead_shape, user_ids, user_B)
+
+
+def _per_token_ids(user_ids: Tensor, lead_shape: torch.Size) -> Tensor:
+    if user_ids.shape == lead_shape:
+        return user_ids.reshape(-1)
+    return user_ids.reshape((-1,) + (1,) * (len(lead_shape) - 1)).expand(lead_shape).reshape(-1)
+
+
+def router_logits(
+    x: Tensor,
+    num_experts: int,
+    *,
+    router_x: Optional[Tensor] = None,
+    router_user: Optional[Tensor] = None,
+    router_h: Optional[Tensor] = None,
+    user_ids: Optional[Tensor] = None,
+    h_user: Optional[Tensor] = None,
+) -> Tensor:
+    """logit = W_x x + R[u] + W_h h_u, each term optional. x [..., in]; returns [T, E].
+
+    With no router term at all the logits are zero (every expert equally likely).
+    """
+    lead = x.shape[:-1]
+    xt = x.reshape(-1, x.shape[-1])
+    logits = torch.zeros(xt.shape[0], num_experts, dtype=x.dtype, device=x.device)
+    if router_x is not None:
+        logits = logits + xt @ router_x.t()
+    if router_user is not None:
+        default_row = router_user.shape[0] - 1
+        if user_ids is None:
+            rows = torch.full((xt.shape[0],), default_row, dtype=torch.long, device=x.device)
+        else:
+            ids = _per_token_ids(user_ids, lead)
+            rows = torch.where(ids >= 0, ids, torch.full_like(ids, default_row))
+        logits = logits + router_user[rows]
+    if router_h is not None and h_user is not None:
+        logits = logits + h_user @ router_h.t()
+    return logits
+
+
+def proper_linear(
+    x: Tensor,
+    base_out: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    *,
+    top_k: int,
+    temperature: float = 1.0,
+    router_x: Optional[Tensor] = None,
+    router_user: Optional[Tensor] = None,
+    router_h: Optional[Tensor] = None,
+    user_ids: Optional[Tensor] = None,
+    user_A: Optional[Tensor] = None,
+    user_B: Optional[Tensor] = None,
+    user_scaling: float = 0.0,
+    x_lora: Optional[Tensor] = None,
+) -> tuple[Tensor, Routing]:
+    """y = base_out + s_g * sum_e g_te B_e A_e x_lora + s_u * B^u A^u x_lora.
+
+    ``x`` feeds the token router; ``x_lora`` (x after adapter dropout, default x) feeds the
+    expert and user LoRAs, and through h_u the LoRA-aware router. Experts are evaluated
+    densely and masked by the gates (exact: unselected experts get a zero gate and a zero
+    gradient). Returns (y shaped like base_out, Routing).
+    """
+    if x_lora is None:
+        x_lora = x
+    E, r, d_in = lora_A.shape
+    d_out = lora_B.shape[1]
+    xt = x_lora.reshape(-1, d_in)
+    T = xt.shape[0]
+
+    has_user = user_A is not None and user_ids is not None and user_A.shape[1] > 0
+    h_user = user_shrink(x_lora, user_ids, user_A) if has_user else None
+
+    logits = router_logits(
+        x,
+        E,
+        router_x=router_x,
+        router_user=router_user,
+        router_h=router_h,
+        user_ids=user_ids,
+        h_user=h_user,
+    )
+    gates, indices = router_topk(logits, top_k, temperature)
+
+    # Dense gate matrix [T, E]: zero for experts outside a token's top k.
+    dense = torch.zeros(T, E, dtype=gates.dtype, device=gates.device).scatter(1, indices, gates)
+    h = (xt @ lora_A.reshape(E * r, d_in).t()).reshape(T, E, r) * dense[:, :, None]
+    delta = (h.reshape(T, E * r) @ lora_B.permute(0, 2, 1).reshape(E * r, d_out)) * scaling
+    if has_user:
+        delta = delta + user_expand(h_user, x.shape[:-1], user_ids, user_B) * user_scaling
+    y = base_out + delta.reshape(base_out.shape).to(base_out.dtype)
+    return y, Routing(logits, gates, indices)
