@@ -203,8 +203,9 @@ class ProperLinear(nn.Module):
             raise ValueError(
                 f"merge() needs a single expert (the population LoRA), this layer has {self.num_experts}"
             )
-        delta = (self.lora_B[0].float() @ self.lora_A[0].float()) * self.scaling  # [out, in]
         w = self.base.weight
+        acc = torch.promote_types(w.dtype, torch.float32)
+        delta = (self.lora_B[0].to(acc) @ self.lora_A[0].to(acc)) * self.scaling  # [out, in]
         w.add_((delta.t() if is_conv1d(self.base) else delta).to(w.dtype))
         self.lora_B.zero_()
 
