@@ -160,7 +160,7 @@ def set_backend(model: nn.Module, backend: str) -> nn.Module:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     for layer in patch.layers.values():
-        proper_kernels.select_backend(backend, layer.lora_A.device)
+        proper_kernels.select_backend(backend, layer.lora_A.device, layer.lora_A.dtype)
     for layer in patch.layers.values():
         layer.backend = backend
     patch.config = ProperConfig.from_dict({**patch.config.to_dict(), "backend": backend})

@@ -8,7 +8,10 @@ that says why, never a silent fallback.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -26,34 +29,64 @@ BACKENDS = ("auto", "triton", "cuda", "torch")
 
 @dataclass(frozen=True)
 class Backend:
-    """An implementation of every op. ``available(device)`` returns None or why not."""
+    """An implementation of every op. ``available(device, dtype)`` returns None or why not."""
 
     name: str
-    available: Callable[[torch.device], Optional[str]]
+    available: Callable[[torch.device, Optional[torch.dtype]], Optional[str]]
     router_topk: Optional[Callable] = None
     proper_linear: Optional[Callable] = None
 
 
-def _torch_available(device: torch.device) -> Optional[str]:
+def _torch_available(device: torch.device, dtype: Optional[torch.dtype]) -> Optional[str]:
     return None
 
 
-def _not_yet(name: str, issue: str) -> Callable[[torch.device], Optional[str]]:
-    def available(device: torch.device) -> Optional[str]:
+def _triton_available(device: torch.device, dtype: Optional[torch.dtype]) -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if dtype == torch.float64:
+        return "the Triton kernels compute in float32; float64 runs on backend='torch'"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            return None
+        return "Triton needs a CUDA device; on the CPU it runs only under the interpreter (TRITON_INTERPRET=1)"
+    return f"Triton does not run on {device.type} tensors"
+
+
+def _not_yet(name: str, issue: str) -> Callable[[torch.device, Optional[torch.dtype]], Optional[str]]:
+    def available(device: torch.device, dtype: Optional[torch.dtype]) -> Optional[str]:
         return f"the {name} backend is not implemented yet ({issue}); use backend='torch'"
 
     return available
+
+
+def _lazy(module: str, fn: str) -> Callable:
+    """Import a kernel module on first use, so importing proper_kernels never needs triton."""
+
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(f"proper_kernels.{module}"), fn)(*args, **kwargs)
+
+    call.__name__ = fn
+    return call
 
 
 _REGISTRY: dict[str, Backend] = {
     "torch": Backend(
         "torch", _torch_available, router_topk=reference.router_topk, proper_linear=reference.proper_linear
     ),
-    "triton": Backend("triton", _not_yet("triton", "the Triton kernels issue")),
+    "triton": Backend(
+        "triton",
+        _triton_available,
+        router_topk=_lazy("triton_router", "router_topk"),
+        proper_linear=_lazy("triton_linear", "proper_linear"),
+    ),
     "cuda": Backend("cuda", _not_yet("cuda", "the CUDA extension issue")),
 }
 
-# Order in which "auto" tries backends: fastest first.
+# Order in which "auto" tries backends on a GPU, fastest first. On the CPU "auto" is the
+# torch backend: the Triton interpreter is for testing, not for speed.
 _AUTO_ORDER = ("cuda", "triton", "torch")
 
 _last: dict[str, str] = {}
@@ -66,22 +99,26 @@ def register_backend(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
 
 
-def available_backends(device: Union[str, torch.device] = "cpu") -> list[str]:
-    """Names of the backends that can run on `device`, fastest first."""
+def available_backends(device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None) -> list[str]:
+    """Names of the backends that can run on `device` (and `dtype`), fastest first."""
     device = torch.device(device)
-    return [n for n in _AUTO_ORDER if _REGISTRY[n].available(device) is None]
+    return [n for n in _AUTO_ORDER if _REGISTRY[n].available(device, dtype) is None]
 
 
-def select_backend(backend: str, device: Union[str, torch.device]) -> str:
-    """The backend a call with ``backend=`` on tensors of `device` will use, or an error."""
+def select_backend(
+    backend: str, device: Union[str, torch.device], dtype: Optional[torch.dtype] = None
+) -> str:
+    """The backend a call with ``backend=`` on tensors of `device`/`dtype` will use, or an error."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device = torch.device(device)
     if backend == "auto":
-        return available_backends(device)[0]
-    why = _REGISTRY[backend].available(device)
+        if device.type != "cuda":
+            return "torch"
+        return available_backends(device, dtype)[0]
+    why = _REGISTRY[backend].available(device, dtype)
     if why is not None:
-        raise RuntimeError(f"backend={backend!r} cannot run on {device}: {why}")
+        raise RuntimeError(f"backend={backend!r} cannot run on {device}" + (f" {dtype}" if dtype else "") + f": {why}")
     return backend
 
 
@@ -105,7 +142,7 @@ def router_topk(logits: Tensor, top_k: int, temperature: float = 1.0, *, backend
     _check_topk(top_k, logits.shape[1], temperature)
     if _checks.check_mode():
         _checks.finite("logits", logits)
-    name = select_backend(backend, logits.device)
+    name = select_backend(backend, logits.device, logits.dtype)
     out = _REGISTRY[name].router_topk(logits, top_k, temperature)
     _record("router_topk", name)
     return out
@@ -203,7 +240,7 @@ def proper_linear(
     checking = _checks.check_mode()
     if checking:
         _checks.finite("x", x)
-    name = select_backend(backend, x.device)
+    name = select_backend(backend, x.device, x.dtype)
     x_lora = F.dropout(x, dropout, training=True) if (training and dropout > 0) else x
     y, routing = _REGISTRY[name].proper_linear(
         x,

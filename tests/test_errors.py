@@ -60,8 +60,11 @@ def test_unavailable_backend_is_a_clear_error():
         if name not in proper_kernels.available_backends("cpu"):
             with pytest.raises(RuntimeError, match=f"backend='{name}' cannot run"):
                 proper_kernels.proper_linear(**case32(), backend=name)
-    assert proper_kernels.select_backend("auto", "cpu") == proper_kernels.available_backends("cpu")[0]
+    # On the CPU "auto" is the torch backend, even where the Triton interpreter could run.
+    assert proper_kernels.select_backend("auto", "cpu") == "torch"
     assert "torch" in proper_kernels.available_backends("cpu")
+    with pytest.raises(RuntimeError, match="float64 runs on backend='torch'"):
+        proper_kernels.select_backend("triton", "cpu", torch.float64)
 
 
 def test_router_topk_rejects_bad_input():

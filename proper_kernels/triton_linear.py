@@ -1,0 +1,531 @@
+"""The fused ProperLinear pass in Triton: router, top-k, gated expert LoRAs and user LoRA.
+
+Dense-masked strategy (SPEC.md "Kernels"): every expert's shrink is computed in the same
+K-loop as the router logits and masked by the gates, so no token sort is needed. It suits
+small E*r (up to 256 columns in one tile).
+
+Forward, two launches:
+  1. shrink + route, one program per block of tokens: h = x_lora A_all^T [T, E*r],
+     logits = x W_x^T + R[u] + h_u W_h^T with h_u = A^u x_lora, softmax, top-k, gates;
+     stores h, the gated h, h_u, logits, gates and indices (fp32 side outputs).
+  2. expand, one program per (token block, out block): y = base_out + s_g (g*h) B_all
+     + s_u B^u h_u.
+Backward, two launches plus dense GEMMs:
+  1. per token block: d(g*h) = s_g dy B_all, dh_u = s_u dy B^u, the router backward
+     (d gates -> d logits), dh = g * d(g*h), dh_u += d logits W_h.
+  2. per (token block, in block): dx = dh A_all + d logits W_x + dh_u A^u.
+  Weight gradients are plain GEMMs over tokens (torch.matmul) and, for the user bank,
+  per-sequence batched GEMMs scattered to the rows of the users present.
+
+Every load is upcast to fp32 before arithmetic; dots run on tensor cores in tf32 for
+16-bit inputs (exact for their products) and in IEEE fp32 for fp32 inputs unless
+``torch.backends.cuda.matmul.allow_tf32`` is set.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .reference import Routing
+from .triton_utils import softmax_rows, topk_backward, topk_select
+
+# Largest E*r the dense strategy holds in one tile.
+DENSE_MAX_COLUMNS = 256
+
+
+def _empty(*shape, device, dtype) -> Tensor:
+    """Every output and side buffer comes from here (tests poison it to catch unwritten
+    elements)."""
+    return torch.empty(*shape, device=device, dtype=dtype)
+
+
+def _pow2(n: int, floor: int = 16) -> int:
+    return max(floor, triton.next_power_of_2(max(int(n), 1)))
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Launch configurations keyed by the padded expert columns (E*r); the interpreter prefers
+# fewer, larger programs.
+_DENSE_CONFIGS = {
+    # ERP: (BLOCK_T, BLOCK_K, BLOCK_N, num_warps)
+    16: (64, 64, 64, 4),
+    32: (64, 64, 64, 4),
+    64: (32, 64, 64, 4),
+    128: (32, 32, 64, 4),
+    256: (16, 32, 64, 8),
+}
+_INTERPRETER_CONFIG = (64, 64, 64, 1)
+
+
+def _config(erp: int) -> tuple[int, int, int, int]:
+    if _interpreting():
+        return _INTERPRETER_CONFIG
+    return _DENSE_CONFIGS[erp]
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype in (torch.float16, torch.bfloat16):
+        return "tf32"
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+@triton.jit
+def _expand_onehot(E: tl.constexpr, R: tl.constexpr, EP: tl.constexpr, ERP: tl.constexpr):
+    """[EP, ERP] 0/1 matrix: row e has ones on expert e's r columns."""
+    e = tl.arange(0, EP)
+    c = tl.arange(0, ERP)
+    return ((c[None, :] // R) == e[:, None]) & (c[None, :] < E * R)
+
+
+@triton.jit
+def _fwd_shrink_route(
+    x_ptr, xl_ptr, uid_ptr, a_ptr, wx_ptr, r_ptr, wh_ptr, ua_ptr,
+    h_ptr, hg_ptr, hu_ptr, logit_ptr, gate_ptr, idx_ptr,
+    T, default_row, inv_temperature,
+    IN: tl.constexpr, E: tl.constexpr, R: tl.constexpr, RU: tl.constexpr, TOP_K: tl.constexpr,
+    EP: tl.constexpr, ERP: tl.constexpr, RUP: tl.constexpr, KP: tl.constexpr,
+    HAS_WX: tl.constexpr, HAS_R: tl.constexpr, HAS_WH: tl.constexpr, HAS_U: tl.constexpr,
+    SAME_X: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = t < T
+    col = tl.arange(0, EP)
+    c = tl.arange(0, ERP)
+    j = tl.arange(0, RUP)
+    kcol = tl.arange(0, KP)
+    uid = tl.load(uid_ptr + t, mask=tmask, other=-1)
+    has_row = tmask & (uid >= 0)
+    row = tl.where(has_row, uid, 0)
+
+    h = tl.zeros((BLOCK_T, ERP), dtype=tl.float32)
+    logits = tl.zeros((BLOCK_T, EP), dtype=tl.float32)
+    hu = tl.zeros((BLOCK_T, RUP), dtype=tl.float32)
+    for k0 in range(0, IN, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < IN
+        xm = tmask[:, None] & kmask[None, :]
+        xl = tl.load(xl_ptr + t[:, None] * IN + k[None, :], mask=xm, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + c[None, :] * IN + k[:, None], mask=(c < E * R)[None, :] & kmask[:, None], other=0.0)
+        h = tl.dot(xl, a.to(tl.float32), h, input_precision=PREC)
+        if HAS_WX:
+            if SAME_X:
+                xr = xl
+            else:
+                xr = tl.load(x_ptr + t[:, None] * IN + k[None, :], mask=xm, other=0.0).to(tl.float32)
+            w = tl.load(wx_ptr + col[None, :] * IN + k[:, None], mask=(col < E)[None, :] & kmask[:, None], other=0.0)
+            logits = tl.dot(xr, w.to(tl.float32), logits, input_precision=PREC)
+        if HAS_U:
+            ua = tl.load(
+                ua_ptr + row[:, None, None] * (RU * IN) + j[None, :, None] * IN + k[None, None, :],
+                mask=has_row[:, None, None] & (j < RU)[None, :, None] & kmask[None, None, :],
+                other=0.0,
+            ).to(tl.float32)
+            hu += tl.sum(xl[:, None, :] * ua, axis=2)
+
+    if HAS_R:
+        rrow = tl.where(has_row, uid, default_row)
+        logits += tl.load(r_ptr + rrow[:, None] * E + col[None, :], mask=tmask[:, None] & (col < E)[None, :], other=0.0).to(tl.float32)
+    if HAS_WH:
+        wh = tl.load(wh_ptr + col[:, None] * RU + j[None, :], mask=(col < E)[:, None] & (j < RU)[None, :], other=0.0).to(tl.float32)
+        logits += tl.sum(hu[:, None, :] * wh[None, :, :], axis=2)
+
+    p = softmax_rows(logits, col, E, inv_temperature)
+    idx, gates, dense = topk_select(p, col, kcol, E, EP, TOP_K)
+    onehot = _expand_onehot(E, R, EP, ERP).to(tl.float32)
+    gate_cols = tl.dot(dense, onehot, input_precision="ieee")
+    hg = h * gate_cols
+
+    tc = tmask[:, None] & (c < E * R)[None, :]
+    tl.store(h_ptr + t[:, None] * (E * R) + c[None, :], h, mask=tc)
+    tl.store(hg_ptr + t[:, None] * (E * R) + c[None, :], hg, mask=tc)
+    if HAS_U:
+        tl.store(hu_ptr + t[:, None] * RU + j[None, :], hu, mask=tmask[:, None] & (j < RU)[None, :])
+    te = tmask[:, None] & (col < E)[None, :]
+    tl.store(logit_ptr + t[:, None] * E + col[None, :], logits, mask=te)
+    tk = tmask[:, None] & (kcol < TOP_K)[None, :]
+    tl.store(gate_ptr + t[:, None] * TOP_K + kcol[None, :], gates.to(gate_ptr.dtype.element_ty), mask=tk)
+    tl.store(idx_ptr + t[:, None] * TOP_K + kcol[None, :], idx.to(tl.int64), mask=tk)
+
+
+@triton.jit
+def _fwd_expand(
+    hg_ptr, hu_ptr, uid_ptr, b_ptr, ub_ptr, base_ptr, y_ptr,
+    T, scaling, user_scaling,
+    OUT: tl.constexpr, E: tl.constexpr, R: tl.constexpr, RU: tl.constexpr,
+    ERP: tl.constexpr, RUP: tl.constexpr, HAS_U: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_t = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tmask = t < T
+    omask = o < OUT
+    c = tl.arange(0, ERP)
+    cmask = c < E * R
+    hg = tl.load(hg_ptr + t[:, None] * (E * R) + c[None, :], mask=tmask[:, None] & cmask[None, :], other=0.0)
+    # B [E, out, r] read as B_all^T [E*r, out]: column c = (e, i) sits at e*out*r + i.
+    boff = (c // R) * (OUT * R) + (c % R)
+    b = tl.load(b_ptr + boff[:, None] + o[None, :] * R, mask=cmask[:, None] & omask[None, :], other=0.0)
+    acc = tl.dot(hg, b.to(tl.float32), input_precision=PREC) * scaling
+    if HAS_U:
+        j = tl.arange(0, RUP)
+        uid = tl.load(uid_ptr + t, mask=tmask, other=-1)
+        has_row = tmask & (uid >= 0)
+        row = tl.where(has_row, uid, 0)
+        hu = tl.load(hu_ptr + t[:, None] * RU + j[None, :], mask=has_row[:, None] & (j < RU)[None, :], other=0.0)
+        ub = tl.load(
+            ub_ptr + row[:, None, None] * (OUT * RU) + o[None, :, None] * RU + j[None, None, :],
+            mask=has_row[:, None, None] & omask[None, :, None] & (j < RU)[None, None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc += tl.sum(hu[:, None, :] * ub, axis=2) * user_scaling
+    tom = tmask[:, None] & omask[None, :]
+    base = tl.load(base_ptr + t[:, None] * OUT + o[None, :], mask=tom, other=0.0).to(tl.float32)
+    tl.store(y_ptr + t[:, None] * OUT + o[None, :], (base + acc).to(y_ptr.dtype.element_ty), mask=tom)
+
+
+@triton.jit
+def _bwd_dh(
+    dy_ptr, uid_ptr, b_ptr, ub_ptr, wh_ptr, h_ptr, logit_ptr, idx_ptr, dlext_ptr,
+    dh_ptr, dhu_ptr, dlogit_ptr,
+    T, scaling, user_scaling, inv_temperature,
+    OUT: tl.constexpr, E: tl.constexpr, R: tl.constexpr, RU: tl.constexpr, TOP_K: tl.constexpr,
+    EP: tl.constexpr, ERP: tl.constexpr, RUP: tl.constexpr, KP: tl.constexpr,
+    HAS_WH: tl.constexpr, HAS_U: tl.constexpr, HAS_DLEXT: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = t < T
+    col = tl.arange(0, EP)
+    c = tl.arange(0, ERP)
+    cmask = c < E * R
+    j = tl.arange(0, RUP)
+    kcol = tl.arange(0, KP)
+    uid = tl.load(uid_ptr + t, mask=tmask, other=-1)
+    has_row = tmask & (uid >= 0)
+    row = tl.where(has_row, uid, 0)
+    boff = (c // R) * (OUT * R) + (c % R)
+
+    dhg = tl.zeros((BLOCK_T, ERP), dtype=tl.float32)
+    dhu = tl.zeros((BLOCK_T, RUP), dtype=tl.float32)
+    for n0 in range(0, OUT, BLOCK_N):
+        o = n0 + tl.arange(0, BLOCK_N)
+        omask = o < OUT
+        dy = tl.load(dy_ptr + t[:, None] * OUT + o[None, :], mask=tmask[:, None] & omask[None, :], other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + boff[None, :] + o[:, None] * R, mask=omask[:, None] & cmask[None, :], other=0.0)
+        dhg = tl.dot(dy, b.to(tl.float32), dhg, input_precision=PREC)
+        if HAS_U:
+            ub = tl.load(
+                ub_ptr + row[:, None, None] * (OUT * RU) + o[None, :, None] * RU + j[None, None, :],
+                mask=has_row[:, None, None] & omask[None, :, None] & (j < RU)[None, None, :],
+                other=0.0,
+            ).to(tl.float32)
+            dhu += tl.sum(dy[:, :, None] * ub, axis=1)
+    dhg = dhg * scaling
+    dhu = dhu * user_scaling
+
+    tc = tmask[:, None] & cmask[None, :]
+    h = tl.load(h_ptr + t[:, None] * (E * R) + c[None, :], mask=tc, other=0.0)
+    te = tmask[:, None] & (col < E)[None, :]
+    logits = tl.load(logit_ptr + t[:, None] * E + col[None, :], mask=te, other=0.0)
+    idx = tl.load(idx_ptr + t[:, None] * TOP_K + kcol[None, :], mask=tmask[:, None] & (kcol < TOP_K)[None, :], other=-1)
+    kept = tl.zeros((BLOCK_T, EP), dtype=tl.float32)
+    for s in tl.static_range(TOP_K):
+        sel = tl.sum(tl.where(kcol[None, :] == s, idx, 0), axis=1)
+        kept = tl.where(col[None, :] == sel[:, None], 1.0, kept)
+    p = softmax_rows(logits, col, E, inv_temperature)
+    kept_sum = tl.sum(p * kept, axis=1)
+    gate_dense = p * kept / tl.where(kept_sum > 0, kept_sum, 1.0)[:, None]
+    onehot = _expand_onehot(E, R, EP, ERP).to(tl.float32)
+    gate_cols = tl.dot(gate_dense, onehot, input_precision="ieee")
+    dh = dhg * gate_cols
+    # d gate of expert e = sum over its r columns of d(g*h) * h.
+    dgate = tl.dot(dhg * h, tl.trans(onehot), input_precision="ieee")
+    dlogits = topk_backward(p, kept, dgate, inv_temperature)
+    if HAS_DLEXT:
+        dlogits += tl.load(dlext_ptr + t[:, None] * E + col[None, :], mask=te, other=0.0).to(tl.float32)
+    dlogits = tl.where(te, dlogits, 0.0)
+    if HAS_WH:
+        wh = tl.load(wh_ptr + col[:, None] * RU + j[None, :], mask=(col < E)[:, None] & (j < RU)[None, :], other=0.0).to(tl.float32)
+        dhu += tl.sum(dlogits[:, :, None] * wh[None, :, :], axis=1)
+
+    tl.store(dh_ptr + t[:, None] * (E * R) + c[None, :], dh, mask=tc)
+    tl.store(dlogit_ptr + t[:, None] * E + col[None, :], dlogits, mask=te)
+    if HAS_U:
+        tl.store(dhu_ptr + t[:, None] * RU + j[None, :], tl.where(has_row[:, None], dhu, 0.0), mask=tmask[:, None] & (j < RU)[None, :])
+
+
+@triton.jit
+def _bwd_dx(
+    dh_ptr, dhu_ptr, dlogit_ptr, uid_ptr, a_ptr, ua_ptr, wx_ptr, dxl_ptr, dx_ptr,
+    T,
+    IN: tl.constexpr, E: tl.constexpr, R: tl.constexpr, RU: tl.constexpr,
+    EP: tl.constexpr, ERP: tl.constexpr, RUP: tl.constexpr,
+    HAS_WX: tl.constexpr, HAS_U: tl.constexpr, SAME_X: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_t = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1).to(tl.int64)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    tmask = t < T
+    kmask = k < IN
+    c = tl.arange(0, ERP)
+    cmask = c < E * R
+    dh = tl.load(dh_ptr + t[:, None] * (E * R) + c[None, :], mask=tmask[:, None] & cmask[None, :], other=0.0)
+    a = tl.load(a_ptr + c[:, None] * IN + k[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+    dxl = tl.dot(dh, a.to(tl.float32), input_precision=PREC)
+    if HAS_U:
+        j = tl.arange(0, RUP)
+        uid = tl.load(uid_ptr + t, mask=tmask, other=-1)
+        has_row = tmask & (uid >= 0)
+        row = tl.where(has_row, uid, 0)
+        dhu = tl.load(dhu_ptr + t[:, None] * RU + j[None, :], mask=has_row[:, None] & (j < RU)[None, :], other=0.0)
+        ua = tl.load(
+            ua_ptr + row[:, None, None] * (RU * IN) + j[None, :, None] * IN + k[None, None, :],
+            mask=has_row[:, None, None] & (j < RU)[None, :, None] & kmask[None, None, :],
+            other=0.0,
+        ).to(tl.float32)
+        dxl += tl.sum(dhu[:, :, None] * ua, axis=1)
+    tk = tmask[:, None] & kmask[None, :]
+    if HAS_WX:
+        col = tl.arange(0, EP)
+        dl = tl.load(dlogit_ptr + t[:, None] * E + col[None, :], mask=tmask[:, None] & (col < E)[None, :], other=0.0)
+        w = tl.load(wx_ptr + col[:, None] * IN + k[None, :], mask=(col < E)[:, None] & kmask[None, :], other=0.0)
+        dxr = tl.dot(dl, w.to(tl.float32), input_precision=PREC)
+        if SAME_X:
+            dxl += dxr
+        else:
+            tl.store(dx_ptr + t[:, None] * IN + k[None, :], dxr.to(dx_ptr.dtype.element_ty), mask=tk)
+    tl.store(dxl_ptr + t[:, None] * IN + k[None, :], dxl.to(dxl_ptr.dtype.element_ty), mask=tk)
+
+
+# -- launchers ------------------------------------------------------------------------------
+
+
+class _Shapes:
+    """Sizes, paddings and the launch config of one call, computed once."""
+
+    def __init__(self, x2: Tensor, lora_A: Tensor, lora_B: Tensor, top_k: int, r_u: int) -> None:
+        self.T, self.IN = x2.shape
+        self.E, self.R, _ = lora_A.shape
+        self.OUT = lora_B.shape[1]
+        self.RU = r_u
+        self.TOP_K = top_k
+        self.EP = _pow2(self.E)
+        self.ERP = _pow2(self.E * self.R)
+        self.RUP = _pow2(r_u, floor=2)
+        self.KP = _pow2(top_k, floor=2)
+        self.BLOCK_T, self.BLOCK_K, self.BLOCK_N, self.num_warps = _config(self.ERP)
+        self.PREC = _precision(x2.dtype)
+
+    def consts(self) -> dict:
+        return dict(E=self.E, R=self.R, RU=self.RU, ERP=self.ERP, RUP=self.RUP, PREC=self.PREC)
+
+
+def token_user_ids(user_ids: Optional[Tensor], lead_shape: torch.Size, device: torch.device) -> Tensor:
+    """One int64 id per token (-1: no row), from per-token or per-sequence ids."""
+    T = 1
+    for s in lead_shape:
+        T *= s
+    if user_ids is None:
+        return torch.full((T,), -1, dtype=torch.long, device=device)
+    if user_ids.shape == lead_shape:
+        return user_ids.reshape(-1).contiguous()
+    return user_ids.reshape((-1,) + (1,) * (len(lead_shape) - 1)).expand(lead_shape).reshape(-1).contiguous()
+
+
+def forward(x2, xl2, base2, uid, lora_A, lora_B, scaling, top_k, temperature,
+            router_x, router_user, router_h, user_A, user_B, user_scaling):
+    """Launch the forward. All 2-D [T, *] contiguous; returns (y, saved side outputs)."""
+    r_u = user_A.shape[1] if user_A is not None else 0
+    s = _Shapes(x2, lora_A, lora_B, top_k, r_u)
+    if s.E * s.R > DENSE_MAX_COLUMNS:
+        raise ValueError(f"the dense Triton strategy holds E*r <= {DENSE_MAX_COLUMNS}, got {s.E * s.R}")
+    dev = x2.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    h = _empty(s.T, s.E * s.R, **f32)
+    hg = _empty(s.T, s.E * s.R, **f32)
+    hu = _empty(s.T, max(r_u, 1), **f32)
+    logits = _empty(s.T, s.E, **f32)
+    gates = _empty(s.T, top_k, device=dev, dtype=x2.dtype)
+    idx = _empty(s.T, top_k, device=dev, dtype=torch.long)
+    dummy = x2
+    has_u = r_u > 0
+    grid = (triton.cdiv(s.T, s.BLOCK_T),)
+    _fwd_shrink_route[grid](
+        x2, xl2, uid, lora_A,
+        router_x if router_x is not None else dummy,
+        router_user if router_user is not None else dummy,
+        router_h if router_h is not None else dummy,
+        user_A if has_u else dummy,
+        h, hg, hu, logits, gates, idx,
+        s.T, (router_user.shape[0] - 1) if router_user is not None else 0, 1.0 / temperature,
+        IN=s.IN, TOP_K=top_k, EP=s.EP, KP=s.KP,
+        HAS_WX=router_x is not None, HAS_R=router_user is not None,
+        HAS_WH=router_h is not None and has_u, HAS_U=has_u, SAME_X=xl2 is x2,
+        BLOCK_T=s.BLOCK_T, BLOCK_K=s.BLOCK_K, num_warps=s.num_warps, **s.consts(),
+    )
+    y = _empty(s.T, s.OUT, device=dev, dtype=base2.dtype)
+    grid = (triton.cdiv(s.T, s.BLOCK_T), triton.cdiv(s.OUT, s.BLOCK_N))
+    _fwd_expand[grid](
+        hg, hu, uid, lora_B, user_B if has_u else dummy, base2, y,
+        s.T, scaling, user_scaling,
+        OUT=s.OUT, HAS_U=has_u, BLOCK_T=s.BLOCK_T, BLOCK_N=s.BLOCK_N, num_warps=s.num_warps, **s.consts(),
+    )
+    return y, (h, hg, hu, logits, gates, idx)
+
+
+def _bank_grad(left: Tensor, right: Tensor, uid: Tensor, groups: Optional[int], n_users: int) -> Tensor:
+    """sum over the tokens of each user of left_t^T right_t: [N, left cols, right cols].
+
+    Tokens come in `groups` runs of one user each (sequences); without groups, every token is
+    its own run and the outer products are summed in chunks to bound memory."""
+    out = torch.zeros(n_users, left.shape[1], right.shape[1], device=left.device, dtype=torch.float32)
+    if groups is not None:
+        L = left.shape[0] // groups
+        rows = uid.reshape(groups, L)[:, 0]
+        per = torch.bmm(left.reshape(groups, L, -1).transpose(1, 2), right.reshape(groups, L, -1).float())
+        valid = rows >= 0
+        return out.index_add_(0, rows[valid], per[valid])
+    chunk = max(1, (1 << 24) // max(1, left.shape[1] * right.shape[1]))
+    for i in range(0, left.shape[0], chunk):
+        u = uid[i : i + chunk]
+        valid = u >= 0
+        outer = left[i : i + chunk][valid][:, :, None] * right[i : i + chunk][valid].float()[:, None, :]
+        out.index_add_(0, u[valid], outer)
+    return out
+
+
+def backward(dy2, dlext, saved, x2, xl2, uid, groups, lora_A, lora_B, scaling, top_k, temperature,
+             router_x, router_user, router_h, user_A, user_B, user_scaling, needs):
+    """Gradients for (x, x_lora, lora_A, lora_B, router_x, router_user, router_h, user_A, user_B)."""
+    h, hg, hu, logits, _, idx = saved
+    r_u = user_A.shape[1] if user_A is not None else 0
+    has_u = r_u > 0
+    s = _Shapes(x2, lora_A, lora_B, top_k, r_u)
+    dev = x2.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    dy2 = dy2.contiguous()
+    dh = _empty(s.T, s.E * s.R, **f32)
+    dhu = _empty(s.T, max(r_u, 1), **f32)
+    dlogits = _empty(s.T, s.E, **f32)
+    dummy = x2
+    _bwd_dh[(triton.cdiv(s.T, s.BLOCK_T),)](
+        dy2, uid, lora_B, user_B if has_u else dummy, router_h if router_h is not None else dummy,
+        h, logits, idx, dlext.contiguous() if dlext is not None else dummy,
+        dh, dhu, dlogits,
+        s.T, scaling, user_scaling, 1.0 / temperature,
+        OUT=s.OUT, TOP_K=top_k, EP=s.EP, KP=s.KP,
+        HAS_WH=router_h is not None and has_u, HAS_U=has_u, HAS_DLEXT=dlext is not None,
+        BLOCK_T=s.BLOCK_T, BLOCK_N=s.BLOCK_N, num_warps=s.num_warps, **s.consts(),
+    )
+    same_x = xl2 is x2
+    dxl = _empty(*xl2.shape, device=dev, dtype=xl2.dtype)
+    dx = dxl if same_x or router_x is None else _empty(*x2.shape, device=dev, dtype=x2.dtype)
+    _bwd_dx[(triton.cdiv(s.T, s.BLOCK_T), triton.cdiv(s.IN, s.BLOCK_K))](
+        dh, dhu, dlogits, uid, lora_A, user_A if has_u else dummy,
+        router_x if router_x is not None else dummy, dxl, dx,
+        s.T, IN=s.IN, EP=s.EP,
+        HAS_WX=router_x is not None, HAS_U=has_u, SAME_X=same_x,
+        BLOCK_T=s.BLOCK_T, BLOCK_K=s.BLOCK_K, num_warps=s.num_warps, **s.consts(),
+    )
+    if same_x:
+        dx_out, dxl_out = dxl, None
+    else:
+        dx_out = dx if router_x is not None else None
+        dxl_out = dxl
+    grads = dict(x=dx_out, x_lora=dxl_out)
+    if needs["lora_A"]:
+        grads["lora_A"] = (dh.t() @ xl2.float()).reshape(lora_A.shape).to(lora_A.dtype)
+    if needs["lora_B"]:
+        grads["lora_B"] = ((dy2.float().t() @ hg) * scaling).reshape(s.OUT, s.E, s.R).permute(1, 0, 2).to(lora_B.dtype)
+    if router_x is not None and needs["router_x"]:
+        grads["router_x"] = (dlogits.t() @ x2.float()).to(router_x.dtype)
+    if router_user is not None and needs["router_user"]:
+        rows = torch.where(uid >= 0, uid, router_user.shape[0] - 1)
+        grads["router_user"] = torch.zeros(router_user.shape, **f32).index_add_(0, rows, dlogits).to(router_user.dtype)
+    if router_h is not None and has_u and needs["router_h"]:
+        grads["router_h"] = (dlogits.t() @ hu).to(router_h.dtype)
+    if has_u and needs["user_A"]:
+        grads["user_A"] = _bank_grad(dhu, xl2, uid, groups, user_A.shape[0]).to(user_A.dtype)
+    if has_u and needs["user_B"]:
+        grads["user_B"] = (_bank_grad(dy2.float(), hu, uid, groups, user_B.shape[0]) * user_scaling).to(user_B.dtype)
+    return grads
+
+
+_INPUTS = ("x", "x_lora", "base_out", "lora_A", "lora_B", "router_x", "router_user", "router_h", "user_A", "user_B")
+
+
+class ProperLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, x_lora, base_out, lora_A, lora_B, router_x, router_user, router_h, user_A, user_B,
+                user_ids, scaling, top_k, temperature, user_scaling):
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        xl2 = x2 if x_lora is x else x_lora.reshape(-1, x.shape[-1]).contiguous()
+        base2 = base_out.reshape(-1, base_out.shape[-1]).contiguous()
+        uid = token_user_ids(user_ids, lead, x.device)
+        groups = None
+        if user_ids is not None and user_ids.shape != lead:
+            groups = user_ids.shape[0]
+        params = [p.contiguous() if p is not None else None for p in (lora_A, lora_B, router_x, router_user, router_h, user_A, user_B)]
+        y, saved = forward(x2, xl2, base2, uid, params[0], params[1], scaling, top_k, temperature,
+                           *params[2:5], params[5], params[6], user_scaling)
+        h, hg, hu, logits, gates, idx = saved
+        ctx.save_for_backward(x2, xl2 if xl2 is not x2 else None, uid, *params, h, hg, hu, logits, idx)
+        ctx.meta = (lead, groups, scaling, top_k, temperature, user_scaling, x_lora is x, base_out.shape)
+        ctx.mark_non_differentiable(gates, idx)
+        return y.reshape(base_out.shape), logits.to(x.dtype), gates, idx
+
+    @staticmethod
+    def backward(ctx, dy, dlogits_out, _dgates, _didx):
+        x2, xl2, uid, lora_A, lora_B, router_x, router_user, router_h, user_A, user_B, h, hg, hu, logits, idx = ctx.saved_tensors
+        lead, groups, scaling, top_k, temperature, user_scaling, same_x, _ = ctx.meta
+        if xl2 is None:
+            xl2 = x2
+        names = ("lora_A", "lora_B", "router_x", "router_user", "router_h", "user_A", "user_B")
+        needs = dict(zip(names, ctx.needs_input_grad[3:10]))
+        g = backward(dy.reshape(-1, dy.shape[-1]), dlogits_out, (h, hg, hu, logits, None, idx), x2, xl2, uid, groups,
+                     lora_A, lora_B, scaling, top_k, temperature, router_x, router_user, router_h, user_A, user_B,
+                     user_scaling, needs)
+        in_shape = lead + (x2.shape[-1],)
+        dx = g["x"].reshape(in_shape) if g["x"] is not None else None
+        dxl = g["x_lora"].reshape(in_shape) if g["x_lora"] is not None else None
+        if same_x:
+            dx, dxl = dx, None
+        dbase = dy if ctx.needs_input_grad[2] else None
+        return (dx, dxl, dbase, *(g.get(n) for n in names), None, None, None, None, None)
+
+
+def proper_linear(x, base_out, lora_A, lora_B, scaling, *, top_k, temperature=1.0, router_x=None,
+                  router_user=None, router_h=None, user_ids=None, user_A=None, user_B=None,
+                  user_scaling=0.0, x_lora=None):
+    """Same contract as proper_kernels.reference.proper_linear (the gates it returns carry no
+    gradient; the logits do, so a load-balance loss trains the routers)."""
+    if x_lora is None:
+        x_lora = x
+    if user_A is not None and user_A.shape[1] == 0:
+        user_A = user_B = None
+    if user_A is None:
+        router_h = None
+    y, logits, gates, idx = ProperLinearFn.apply(
+        x, x_lora, base_out, lora_A, lora_B, router_x, router_user, router_h, user_A, user_B,
+        user_ids, float(scaling), int(top_k), float(temperature), float(user_scaling),
+    )
+    return y, Routing(logits, gates, idx)

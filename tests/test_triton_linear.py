@@ -1,0 +1,171 @@
+"""The fused Triton proper_linear against the float64 reference, forward and every gradient.
+
+Runs on a GPU, or on the CPU under the Triton interpreter (TRITON_INTERPRET=1, as in CI).
+Every buffer the kernels write is poisoned first, so an element left unwritten fails.
+"""
+
+import os
+
+import pytest
+import torch
+
+import proper_kernels
+from proper_kernels import reference
+from test_reference import make_case
+
+triton = pytest.importorskip("triton")
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+from proper_kernels import triton_linear  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+PARAMS = ("x", "base_out", "lora_A", "lora_B", "router_x", "router_user", "router_h", "user_A", "user_B")
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Fill every kernel output with NaN (floats) or -7 (ints) before the launch writes it."""
+
+    def empty(*shape, device, dtype):
+        t = torch.empty(*shape, device=device, dtype=dtype)
+        return t.fill_(float("nan")) if dtype.is_floating_point else t.fill_(-7)
+
+    monkeypatch.setattr(triton_linear, "_empty", empty)
+
+
+def cast(case, dtype):
+    return {k: (v.to(DEVICE, dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else
+                v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def check(case, dtype, extra_logit_grad=True):
+    """Forward + all gradients of the Triton op vs the float64 reference on the same values."""
+    low = cast(case, dtype)
+    names = [n for n in PARAMS if low[n] is not None]
+    ins = {n: low[n].clone().requires_grad_(True) for n in names}
+    y, routing = triton_linear.proper_linear(**dict(low, **ins))
+    hi = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in low.items()}
+    ins64 = {n: hi[n].clone().requires_grad_(True) for n in names}
+    y64, routing64 = reference.proper_linear(**dict(hi, **ins64))
+
+    tol = TOL[dtype]
+    assert y.dtype == dtype and y.shape == y64.shape
+    # Slots whose gate underflows in fp32 (k close to E, large logits) may order differently;
+    # they carry no weight. Every slot that matters must pick the same expert.
+    weighty = routing64.gates > 1e-6
+    assert torch.equal(routing.indices[weighty], routing64.indices[weighty])
+    assert ((routing.indices >= 0) & (routing.indices < case["lora_A"].shape[0])).all()
+    assert rel_err(routing.gates, routing64.gates) <= tol
+    assert rel_err(routing.logits, routing64.logits) <= tol
+    assert rel_err(y, y64) <= tol, rel_err(y, y64)
+
+    g = torch.Generator().manual_seed(0)
+    gy = torch.randn(y64.shape, generator=g, dtype=torch.float64).to(DEVICE)
+    gl = torch.randn(routing64.logits.shape, generator=g, dtype=torch.float64).to(DEVICE)
+    loss64 = (y64 * gy).sum() + ((routing64.logits * gl).sum() if extra_logit_grad else 0)
+    loss = (y.double() * gy).sum() + ((routing.logits.double() * gl).sum() if extra_logit_grad else 0)
+    loss64.backward()
+    loss.backward()
+    for n in names:
+        ref = ins64[n].grad
+        if ref is None:  # not on the reference's graph (no user ids at all): a zero gradient
+            assert ins[n].grad is None or torch.count_nonzero(ins[n].grad) == 0, n
+            continue
+        assert ins[n].grad is not None, n
+        assert ins[n].grad.dtype == dtype
+        err = rel_err(ins[n].grad, ref) if ref.abs().max() > 0 else ins[n].grad.abs().max().item()
+        assert err <= tol * 2, (n, err)
+
+
+SOURCE_SETS = [(), ("token",), ("user",), ("lora",), ("token", "user"), ("token", "lora"), ("user", "lora"),
+               ("token", "user", "lora")]
+SIZES = [(5, 3), (70, 37), (130, 67)]  # not multiples of the block
+
+
+def grid():
+    """A covering grid: every value of every axis appears, without the full product."""
+    cases = []
+    i = 0
+    for E, k in [(1, 1), (4, 1), (4, 2), (4, 4), (16, 2), (16, 16)]:
+        for sources in SOURCE_SETS:
+            T = (1, 7, 129)[i % 3]
+            d_in, d_out = SIZES[(i // 3) % 3]
+            r = (4, 16)[i % 2] if E < 16 else 4
+            r_u = (0, 8)[(i // 2) % 2]
+            cold = i % 4 != 3
+            cases.append((T, d_in, d_out, E, k, r, r_u, sources, cold))
+            i += 1
+    return cases
+
+
+@pytest.mark.parametrize("T,d_in,d_out,E,k,r,r_u,sources,cold", grid())
+def test_fp32_matches_reference(T, d_in, d_out, E, k, r, r_u, sources, cold):
+    case = make_case(T * 7 + E * 3 + r, T, d_in, d_out, E, k, r, r_u, 6, sources, cold=cold)
+    check(case, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize(
+    "T,d_in,d_out,E,k,r,r_u,sources",
+    [(1, 5, 3, 1, 1, 4, 8, ("user",)), (7, 70, 37, 4, 2, 16, 8, ("token", "user", "lora")),
+     (129, 130, 67, 16, 2, 4, 0, ("token",)), (33, 20, 9, 4, 4, 4, 8, ("lora",))],
+)
+def test_half_precision_matches_reference(dtype, T, d_in, d_out, E, k, r, r_u, sources):
+    case = make_case(11 + T + E, T, d_in, d_out, E, k, r, r_u, 6, sources)
+    for name in ("lora_A", "lora_B", "user_A", "user_B"):  # keep values in a range fp16 holds well
+        if case[name] is not None:
+            case[name] = case[name] * 0.3
+    check(case, dtype)
+
+
+def test_all_users_cold_and_all_known():
+    case = make_case(5, 9, 10, 11, 4, 2, 4, 8, 5, ("token", "user", "lora"))
+    case["user_ids"] = torch.full((9,), -1)
+    check(case, torch.float32)
+    case["user_ids"] = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3])
+    check(case, torch.float32)
+    case["user_ids"] = None
+    check(case, torch.float32)
+
+
+def test_per_sequence_user_ids():
+    case = make_case(8, 24, 13, 10, 4, 2, 4, 8, 5, ("token", "user", "lora"), per_sequence=True, seq_len=6)
+    check(case, torch.float32)
+
+
+def test_separate_dropout_input():
+    """x feeds the token router, x_lora (x after dropout) the LoRAs: both get their gradient."""
+    case = make_case(9, 12, 14, 6, 4, 2, 4, 8, 5, ("token", "user", "lora"))
+    case["x_lora"] = case["x"] * (torch.rand(case["x"].shape, generator=torch.Generator().manual_seed(1)) > 0.3) / 0.7
+    low = cast(case, torch.float32)
+    x = low["x"].clone().requires_grad_(True)
+    xl = low["x_lora"].clone().requires_grad_(True)
+    y, _ = triton_linear.proper_linear(**dict(low, x=x, x_lora=xl))
+    hi = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in low.items()}
+    x64 = hi["x"].clone().requires_grad_(True)
+    xl64 = hi["x_lora"].clone().requires_grad_(True)
+    y64, _ = reference.proper_linear(**dict(hi, x=x64, x_lora=xl64))
+    assert rel_err(y, y64) <= 1e-5
+    y.sum().backward()
+    y64.sum().backward()
+    assert rel_err(x.grad, x64.grad) <= 2e-5 and rel_err(xl.grad, xl64.grad) <= 2e-5
+
+
+def test_dispatcher_runs_triton_and_says_so():
+    case = cast(make_case(2, 5, 6, 7, 4, 2, 4, 8, 5, ("token", "user", "lora")), torch.float32)
+    y = proper_kernels.proper_linear(**case, backend="triton")
+    assert proper_kernels.last_backend() == "triton"
+    y_ref = proper_kernels.proper_linear(**case, backend="torch")
+    assert rel_err(y, y_ref) <= 1e-5
+
+
+def test_dense_strategy_limit_is_a_clear_error():
+    case = cast(make_case(2, 3, 6, 7, 32, 2, 16, 0, 5, ("token",)), torch.float32)  # E*r = 512
+    with pytest.raises(ValueError, match="E\\*r <= 256"):
+        triton_linear.proper_linear(**case)
