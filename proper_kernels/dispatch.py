@@ -42,8 +42,8 @@ def _torch_available(device: torch.device, dtype: Optional[torch.dtype]) -> Opti
 
 
 def _triton_available(device: torch.device, dtype: Optional[torch.dtype]) -> Optional[str]:
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
+    if _TRITON_ERROR is not None:
+        return _TRITON_ERROR
     if dtype == torch.float64:
         return "the Triton kernels compute in float32; float64 runs on backend='torch'"
     if device.type == "cuda":
@@ -62,14 +62,19 @@ def _not_yet(name: str, issue: str) -> Callable[[torch.device, Optional[torch.dt
     return available
 
 
-def _lazy(module: str, fn: str) -> Callable:
-    """Import a kernel module on first use, so importing proper_kernels never needs triton."""
+# The Triton kernels load with proper_kernels (importing triton after torch costs little), so
+# that torch.compile never meets an import inside a traced call.
+_TRITON_ERROR: Optional[str] = None
+_triton_ops: dict[str, Callable] = {}
+if importlib.util.find_spec("triton") is None:
+    _TRITON_ERROR = "triton is not installed"
+else:
+    try:
+        from . import triton_linear
 
-    def call(*args, **kwargs):
-        return getattr(importlib.import_module(f"proper_kernels.{module}"), fn)(*args, **kwargs)
-
-    call.__name__ = fn
-    return call
+        _triton_ops["proper_linear"] = triton_linear.proper_linear
+    except Exception as e:  # a broken triton install must not break the torch backend
+        _TRITON_ERROR = f"the Triton kernels failed to load: {type(e).__name__}: {e}"
 
 
 _REGISTRY: dict[str, Backend] = {
@@ -79,8 +84,8 @@ _REGISTRY: dict[str, Backend] = {
     "triton": Backend(
         "triton",
         _triton_available,
-        router_topk=_lazy("triton_router", "router_topk"),
-        proper_linear=_lazy("triton_linear", "proper_linear"),
+        router_topk=_triton_ops.get("router_topk"),
+        proper_linear=_triton_ops.get("proper_linear"),
     ),
     "cuda": Backend("cuda", _not_yet("cuda", "the CUDA extension issue")),
 }
@@ -129,7 +134,8 @@ def last_backend(op: str = "proper_linear") -> Optional[str]:
 
 def _record(op: str, name: str) -> None:
     _last[op] = name
-    log.debug("proper_kernels.%s ran on backend %s", op, name)
+    if not torch.compiler.is_compiling():  # a log call would break a torch.compile graph
+        log.debug("proper_kernels.%s ran on backend %s", op, name)
 
 
 def router_topk(logits: Tensor, top_k: int, temperature: float = 1.0, *, backend: str = "auto"):

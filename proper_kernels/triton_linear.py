@@ -469,48 +469,140 @@ def backward(dy2, dlext, saved, x2, xl2, uid, groups, lora_A, lora_B, scaling, t
     return grads
 
 
-_INPUTS = ("x", "x_lora", "base_out", "lora_A", "lora_B", "router_x", "router_user", "router_h", "user_A", "user_B")
+# -- torch.library ops: torch.compile and CUDA graphs see each direction as one op ------------
+
+_OPTIONAL = ("router_x", "router_user", "router_h", "user_A", "user_B")
+_GRAD_NAMES = ("x", "x_lora", "lora_A", "lora_B", "router_x", "router_user", "router_h", "user_A", "user_B")
 
 
-class ProperLinearFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, x_lora, base_out, lora_A, lora_B, router_x, router_user, router_h, user_A, user_B,
-                user_ids, scaling, top_k, temperature, user_scaling):
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        xl2 = x2 if x_lora is x else x_lora.reshape(-1, x.shape[-1]).contiguous()
-        base2 = base_out.reshape(-1, base_out.shape[-1]).contiguous()
-        uid = token_user_ids(user_ids, lead, x.device)
-        groups = None
-        if user_ids is not None and user_ids.shape != lead:
-            groups = user_ids.shape[0]
-        params = [p.contiguous() if p is not None else None for p in (lora_A, lora_B, router_x, router_user, router_h, user_A, user_B)]
-        y, saved = forward(x2, xl2, base2, uid, params[0], params[1], scaling, top_k, temperature,
-                           *params[2:5], params[5], params[6], user_scaling)
-        h, hg, hu, logits, gates, idx = saved
-        ctx.save_for_backward(x2, xl2 if xl2 is not x2 else None, uid, *params, h, hg, hu, logits, idx)
-        ctx.meta = (lead, groups, scaling, top_k, temperature, user_scaling, x_lora is x, base_out.shape)
-        ctx.mark_non_differentiable(gates, idx)
-        return y.reshape(base_out.shape), logits.to(x.dtype), gates, idx
+def _side_shapes(x: Tensor, lora_A: Tensor, top_k: int, user_A: Optional[Tensor]):
+    T = x.numel() // x.shape[-1]
+    E, R, _ = lora_A.shape
+    r_u = user_A.shape[1] if user_A is not None else 0
+    return T, E, R, max(r_u, 1)
 
-    @staticmethod
-    def backward(ctx, dy, dlogits_out, _dgates, _didx):
-        x2, xl2, uid, lora_A, lora_B, router_x, router_user, router_h, user_A, user_B, h, hg, hu, logits, idx = ctx.saved_tensors
-        lead, groups, scaling, top_k, temperature, user_scaling, same_x, _ = ctx.meta
-        if xl2 is None:
-            xl2 = x2
-        names = ("lora_A", "lora_B", "router_x", "router_user", "router_h", "user_A", "user_B")
-        needs = dict(zip(names, ctx.needs_input_grad[3:10]))
-        g = backward(dy.reshape(-1, dy.shape[-1]), dlogits_out, (h, hg, hu, logits, None, idx), x2, xl2, uid, groups,
-                     lora_A, lora_B, scaling, top_k, temperature, router_x, router_user, router_h, user_A, user_B,
-                     user_scaling, needs)
-        in_shape = lead + (x2.shape[-1],)
-        dx = g["x"].reshape(in_shape) if g["x"] is not None else None
-        dxl = g["x_lora"].reshape(in_shape) if g["x_lora"] is not None else None
-        if same_x:
-            dx, dxl = dx, None
-        dbase = dy if ctx.needs_input_grad[2] else None
-        return (dx, dxl, dbase, *(g.get(n) for n in names), None, None, None, None, None)
+
+@torch.library.custom_op("proper::triton_linear_fwd", mutates_args=())
+def _fwd_op(
+    x: Tensor, x_lora: Tensor, base_out: Tensor, uid: Tensor, lora_A: Tensor, lora_B: Tensor,
+    router_x: Optional[Tensor], router_user: Optional[Tensor], router_h: Optional[Tensor],
+    user_A: Optional[Tensor], user_B: Optional[Tensor],
+    scaling: float, top_k: int, temperature: float, user_scaling: float, same_x: bool, groups: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, logits fp32, gates, indices, h, g*h, h_u): y shaped like base_out, the rest [T, *].
+
+    groups: the number of sequences when each holds one user (0: ids per token); the
+    backward uses it to sum the user bank's gradient per sequence."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    xl2 = x2 if same_x else x_lora.reshape(-1, x.shape[-1]).contiguous()
+    base2 = base_out.reshape(-1, base_out.shape[-1]).contiguous()
+    params = [p.contiguous() if p is not None else None for p in (lora_A, lora_B, router_x, router_user, router_h, user_A, user_B)]
+    y, (h, hg, hu, logits, gates, idx) = forward(
+        x2, xl2, base2, uid, params[0], params[1], scaling, top_k, temperature, *params[2:5], params[5], params[6],
+        user_scaling,
+    )
+    return y.reshape(base_out.shape), logits, gates, idx, h, hg, hu
+
+
+@_fwd_op.register_fake
+def _(x, x_lora, base_out, uid, lora_A, lora_B, router_x, router_user, router_h, user_A, user_B,
+      scaling, top_k, temperature, user_scaling, same_x, groups):
+    T, E, R, ru = _side_shapes(x, lora_A, top_k, user_A)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    return (
+        base_out.new_empty(base_out.shape), x.new_empty(T, E, dtype=torch.float32), x.new_empty(T, top_k),
+        x.new_empty(T, top_k, dtype=torch.long), torch.empty(T, E * R, **f32), torch.empty(T, E * R, **f32),
+        torch.empty(T, ru, **f32),
+    )
+
+
+@torch.library.custom_op("proper::triton_linear_bwd", mutates_args=())
+def _bwd_op(
+    dy: Tensor, dlogits: Optional[Tensor], x: Tensor, x_lora: Tensor, uid: Tensor, groups: int,
+    lora_A: Tensor, lora_B: Tensor, router_x: Optional[Tensor], router_user: Optional[Tensor],
+    router_h: Optional[Tensor], user_A: Optional[Tensor], user_B: Optional[Tensor],
+    h: Tensor, hg: Tensor, hu: Tensor, logits: Tensor, idx: Tensor,
+    scaling: float, top_k: int, temperature: float, user_scaling: float, same_x: bool, needs: list[bool],
+) -> list[Tensor]:
+    """Gradients in the order of _GRAD_NAMES; an empty tensor stands for no gradient."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    xl2 = x2 if same_x else x_lora.reshape(-1, x.shape[-1]).contiguous()
+    params = [p.contiguous() if p is not None else None for p in (lora_A, lora_B, router_x, router_user, router_h, user_A, user_B)]
+    g = backward(
+        dy.reshape(-1, dy.shape[-1]), dlogits, (h, hg, hu, logits, None, idx), x2, xl2, uid, groups or None,
+        params[0], params[1], scaling, top_k, temperature, *params[2:5], params[5], params[6], user_scaling,
+        dict(zip(_GRAD_NAMES[2:], needs)),
+    )
+    out = []
+    for name in _GRAD_NAMES:
+        t = g.get(name)
+        if t is None:
+            out.append(x.new_empty(0))
+        else:
+            out.append(t.reshape(x.shape) if name in ("x", "x_lora") else t)
+    return out
+
+
+def _grad_present(name, x, same_x, router_x, has_u, router_user, router_h, needs):
+    if name == "x":
+        return True if same_x else router_x is not None
+    if name == "x_lora":
+        return not same_x
+    need = dict(zip(_GRAD_NAMES[2:], needs))[name]
+    if name in ("router_x", "router_user"):
+        return need and {"router_x": router_x, "router_user": router_user}[name] is not None
+    if name in ("router_h", "user_A", "user_B"):
+        return need and has_u and (name != "router_h" or router_h is not None)
+    return need
+
+
+@_bwd_op.register_fake
+def _(dy, dlogits, x, x_lora, uid, groups, lora_A, lora_B, router_x, router_user, router_h, user_A, user_B,
+      h, hg, hu, logits, idx, scaling, top_k, temperature, user_scaling, same_x, needs):
+    has_u = user_A is not None and user_A.shape[1] > 0
+    shapes = dict(x=x.shape, x_lora=x.shape, lora_A=lora_A.shape, lora_B=lora_B.shape,
+                  router_x=router_x.shape if router_x is not None else None,
+                  router_user=router_user.shape if router_user is not None else None,
+                  router_h=router_h.shape if router_h is not None else None,
+                  user_A=user_A.shape if user_A is not None else None, user_B=user_B.shape if user_B is not None else None)
+    dtypes = dict(x=x.dtype, x_lora=x.dtype, lora_A=lora_A.dtype, lora_B=lora_B.dtype)
+    out = []
+    for name in _GRAD_NAMES:
+        if _grad_present(name, x, same_x, router_x, has_u, router_user, router_h, needs):
+            out.append(x.new_empty(shapes[name], dtype=dtypes.get(name, x.dtype)))
+        else:
+            out.append(x.new_empty(0))
+    return out
+
+
+def _setup_context(ctx, inputs, output):
+    (x, x_lora, base_out, uid, lora_A, lora_B, router_x, router_user, router_h, user_A, user_B,
+     scaling, top_k, temperature, user_scaling, same_x, groups) = inputs
+    _, logits, _, idx, h, hg, hu = output
+    ctx.save_for_backward(x, x_lora, uid, lora_A, lora_B, router_x, router_user, router_h, user_A, user_B,
+                          h, hg, hu, logits, idx)
+    ctx.consts = (scaling, top_k, temperature, user_scaling, same_x)
+    ctx.groups = groups
+    ctx.mark_non_differentiable(output[2], idx, h, hg, hu)
+
+
+def _backward(ctx, dy, dlogits, _dgates, _didx, _dh, _dhg, _dhu):
+    (x, x_lora, uid, lora_A, lora_B, router_x, router_user, router_h, user_A, user_B,
+     h, hg, hu, logits, idx) = ctx.saved_tensors
+    scaling, top_k, temperature, user_scaling, same_x = ctx.consts
+    needs = list(ctx.needs_input_grad[4:11])
+    grads = _bwd_op(dy, dlogits, x, x_lora, uid, ctx.groups, lora_A, lora_B, router_x, router_user, router_h,
+                    user_A, user_B, h, hg, hu, logits, idx, scaling, top_k, temperature, user_scaling, same_x, needs)
+    g = {n: (t if t.numel() or n in ("x", "x_lora") and t.shape == x.shape else None) for n, t in zip(_GRAD_NAMES, grads)}
+    dx, dxl = g["x"], g["x_lora"]
+    if same_x:
+        dxl = None
+    dbase = dy if ctx.needs_input_grad[2] else None
+    return (dx, dxl, dbase, None, g["lora_A"], g["lora_B"], g["router_x"], g["router_user"], g["router_h"],
+            g["user_A"], g["user_B"], None, None, None, None, None, None)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def proper_linear(x, base_out, lora_A, lora_B, scaling, *, top_k, temperature=1.0, router_x=None,
@@ -518,14 +610,15 @@ def proper_linear(x, base_out, lora_A, lora_B, scaling, *, top_k, temperature=1.
                   user_scaling=0.0, x_lora=None):
     """Same contract as proper_kernels.reference.proper_linear (the gates it returns carry no
     gradient; the logits do, so a load-balance loss trains the routers)."""
-    if x_lora is None:
-        x_lora = x
+    same_x = x_lora is None or x_lora is x
     if user_A is not None and user_A.shape[1] == 0:
         user_A = user_B = None
     if user_A is None:
         router_h = None
-    y, logits, gates, idx = ProperLinearFn.apply(
-        x, x_lora, base_out, lora_A, lora_B, router_x, router_user, router_h, user_A, user_B,
-        user_ids, float(scaling), int(top_k), float(temperature), float(user_scaling),
+    uid = token_user_ids(user_ids, x.shape[:-1], x.device)
+    groups = user_ids.shape[0] if user_ids is not None and user_ids.shape != x.shape[:-1] else 0
+    y, logits, gates, idx, _, _, _ = _fwd_op(
+        x, x if same_x else x_lora, base_out, uid, lora_A, lora_B, router_x, router_user, router_h, user_A, user_B,
+        float(scaling), int(top_k), float(temperature), float(user_scaling), same_x, groups,
     )
-    return y, Routing(logits, gates, idx)
+    return y, Routing(logits.to(x.dtype), gates, idx)

@@ -1,0 +1,53 @@
+"""torch.compile traces a patched model through the ProperLinear ops without graph breaks."""
+
+import os
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import proper
+
+BACKENDS = ["torch"]
+if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
+    BACKENDS.append("triton")
+
+
+def patched_llama(backend):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    model = LlamaForCausalLM(config)
+    cfg = proper.ProperConfig(num_experts=4, top_k=2, rank=4, user_rank=2, num_users=5,
+                              router=("token", "user", "lora"), backend=backend)
+    proper.patch_model(model, cfg)
+    with torch.no_grad():
+        for layer in proper.proper_layers(model).values():
+            layer.lora_B.normal_(0, 0.1)
+            layer.user_B.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fullgraph_compile_forward_and_backward(backend):
+    model = patched_llama(backend)
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(2, 5, 32)
+    users = torch.tensor([3, -1])
+
+    def step(x):
+        return mlp(x).square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    with proper.user_context(model, users):
+        eager_loss = step(x)
+        eager_loss.backward()
+        eager_grads = {n: p.grad.clone() for n, p in mlp.named_parameters() if p.grad is not None}
+        mlp.zero_grad()
+        loss = compiled(x)
+        loss.backward()
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=1e-6)
+    assert eager_grads
+    for n, p in mlp.named_parameters():
+        if n in eager_grads:
+            torch.testing.assert_close(p.grad, eager_grads[n], rtol=1e-5, atol=1e-6)
