@@ -44,12 +44,12 @@ def rel_err(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
-def check(case, dtype, extra_logit_grad=True):
+def check(case, dtype, strategy, extra_logit_grad=True):
     """Forward + all gradients of the Triton op vs the float64 reference on the same values."""
     low = cast(case, dtype)
     names = [n for n in PARAMS if low[n] is not None]
     ins = {n: low[n].clone().requires_grad_(True) for n in names}
-    y, routing = triton_linear.proper_linear(**dict(low, **ins))
+    y, routing = triton_linear.proper_linear(**dict(low, **ins), strategy=strategy)
     hi = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in low.items()}
     ins64 = {n: hi[n].clone().requires_grad_(True) for n in names}
     y64, routing64 = reference.proper_linear(**dict(hi, **ins64))
@@ -104,39 +104,69 @@ def grid():
     return cases
 
 
+STRATEGIES = ["dense", "grouped"]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("T,d_in,d_out,E,k,r,r_u,sources,cold", grid())
-def test_fp32_matches_reference(T, d_in, d_out, E, k, r, r_u, sources, cold):
+def test_fp32_matches_reference(T, d_in, d_out, E, k, r, r_u, sources, cold, strategy):
     case = make_case(T * 7 + E * 3 + r, T, d_in, d_out, E, k, r, r_u, 6, sources, cold=cold)
-    check(case, torch.float32)
+    check(case, torch.float32, strategy)
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize(
     "T,d_in,d_out,E,k,r,r_u,sources",
     [(1, 5, 3, 1, 1, 4, 8, ("user",)), (7, 70, 37, 4, 2, 16, 8, ("token", "user", "lora")),
      (129, 130, 67, 16, 2, 4, 0, ("token",)), (33, 20, 9, 4, 4, 4, 8, ("lora",))],
 )
-def test_half_precision_matches_reference(dtype, T, d_in, d_out, E, k, r, r_u, sources):
+def test_half_precision_matches_reference(dtype, T, d_in, d_out, E, k, r, r_u, sources, strategy):
     case = make_case(11 + T + E, T, d_in, d_out, E, k, r, r_u, 6, sources)
     for name in ("lora_A", "lora_B", "user_A", "user_B"):  # keep values in a range fp16 holds well
         if case[name] is not None:
             case[name] = case[name] * 0.3
-    check(case, dtype)
+    check(case, dtype, strategy)
 
 
-def test_all_users_cold_and_all_known():
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_all_users_cold_and_all_known(strategy):
     case = make_case(5, 9, 10, 11, 4, 2, 4, 8, 5, ("token", "user", "lora"))
     case["user_ids"] = torch.full((9,), -1)
-    check(case, torch.float32)
+    check(case, torch.float32, strategy)
     case["user_ids"] = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3])
-    check(case, torch.float32)
+    check(case, torch.float32, strategy)
     case["user_ids"] = None
-    check(case, torch.float32)
+    check(case, torch.float32, strategy)
 
 
-def test_per_sequence_user_ids():
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_per_sequence_user_ids(strategy):
     case = make_case(8, 24, 13, 10, 4, 2, 4, 8, 5, ("token", "user", "lora"), per_sequence=True, seq_len=6)
-    check(case, torch.float32)
+    check(case, torch.float32, strategy)
+
+
+@pytest.mark.parametrize("E,k,r", [(64, 8, 16), (33, 3, 4)])
+def test_grouped_strategy_with_many_experts(E, k, r):
+    """The shapes the grouped strategy exists for: E*r past the dense tile."""
+    case = make_case(E + k, 40, 20, 18, E, k, r, 8, 6, ("token", "user", "lora"))
+    check(case, torch.float32, "grouped")
+    assert triton_linear.choose_strategy(E, r) == "grouped"
+
+
+def test_strategies_agree():
+    case = cast(make_case(21, 50, 30, 20, 8, 2, 8, 4, 6, ("token", "user", "lora")), torch.float32)
+    outs = {}
+    for strategy in STRATEGIES:
+        ins = {n: case[n].clone().requires_grad_(True) for n in ("x", "lora_A", "lora_B", "router_x", "user_A")}
+        y, routing = triton_linear.proper_linear(**dict(case, **ins), strategy=strategy)
+        (y.square().sum() + routing.logits.sum()).backward()
+        outs[strategy] = (y, routing.indices, {n: t.grad for n, t in ins.items()})
+    (yd, idd, gd), (yg, idg, gg) = outs["dense"], outs["grouped"]
+    assert torch.equal(idd, idg)
+    assert rel_err(yg, yd) <= 1e-5
+    for n in gd:
+        assert rel_err(gg[n], gd[n]) <= 2e-5, n
 
 
 def test_separate_dropout_input():
@@ -168,4 +198,6 @@ def test_dispatcher_runs_triton_and_says_so():
 def test_dense_strategy_limit_is_a_clear_error():
     case = cast(make_case(2, 3, 6, 7, 32, 2, 16, 0, 5, ("token",)), torch.float32)  # E*r = 512
     with pytest.raises(ValueError, match="E\\*r <= 256"):
-        triton_linear.proper_linear(**case)
+        triton_linear.proper_linear(**case, strategy="dense")
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        triton_linear.proper_linear(**case, strategy="sparse")
