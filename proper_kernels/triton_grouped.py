@@ -55,7 +55,8 @@ def num_blocks(num_pairs: int, num_experts: int, block_p: int) -> int:
 def make_schedule(idx: Tensor, num_experts: int, block_p: int) -> Schedule:
     flat = idx.reshape(-1)
     order = torch.sort(flat, stable=True).indices
-    counts = torch.bincount(flat, minlength=num_experts)
+    # scatter_add, not bincount: bincount reads the largest index back to the host (a sync).
+    counts = torch.zeros(num_experts, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
     seg = torch.zeros(num_experts + 1, dtype=torch.long, device=idx.device)
     seg[1:] = torch.cumsum(counts, 0)
     blocks = (counts + block_p - 1) // block_p
