@@ -70,9 +70,10 @@ if importlib.util.find_spec("triton") is None:
     _TRITON_ERROR = "triton is not installed"
 else:
     try:
-        from . import triton_linear
+        from . import triton_linear, triton_router
 
         _triton_ops["proper_linear"] = triton_linear.proper_linear
+        _triton_ops["router_topk"] = triton_router.router_topk
     except Exception as e:  # a broken triton install must not break the torch backend
         _TRITON_ERROR = f"the Triton kernels failed to load: {type(e).__name__}: {e}"
 
