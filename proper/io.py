@@ -17,7 +17,6 @@ the model: a file that fails any check is refused and the model is left unchange
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 from pathlib import Path

@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["Routing", "router_logits", "router_topk", "proper_linear", "user_shrink", "user_expand"]

@@ -32,6 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import triton_grouped
+from ._common import router_and_bank_grads, token_user_ids
 from .reference import Routing
 from .triton_utils import softmax_rows, topk_backward, topk_select
 
@@ -381,18 +382,6 @@ class _Shapes:
         return self.T * self.TOP_K
 
 
-def token_user_ids(user_ids: Optional[Tensor], lead_shape: torch.Size, device: torch.device) -> Tensor:
-    """One int64 id per token (-1: no row), from per-token or per-sequence ids."""
-    T = 1
-    for s in lead_shape:
-        T *= s
-    if user_ids is None:
-        return torch.full((T,), -1, dtype=torch.long, device=device)
-    if user_ids.shape == lead_shape:
-        return user_ids.reshape(-1).contiguous()
-    return user_ids.reshape((-1,) + (1,) * (len(lead_shape) - 1)).expand(lead_shape).reshape(-1).contiguous()
-
-
 def _side_widths(s: _Shapes) -> tuple[int, int]:
     """Rows and width of the saved h and g*h: [T, E*r] dense, [T*k, r] grouped (sorted pairs)."""
     return (s.T, s.E * s.R) if s.dense else (s.num_pairs(), s.R)
@@ -455,27 +444,6 @@ def forward(s: _Shapes, x2, xl2, base2, uid, lora_A, lora_B, scaling, temperatur
         **s.consts(),
     )
     return y, (h, hg, hu, logits, gates, idx, meta)
-
-
-def _bank_grad(left: Tensor, right: Tensor, uid: Tensor, groups: Optional[int], n_users: int) -> Tensor:
-    """sum over the tokens of each user of left_t^T right_t: [N, left cols, right cols].
-
-    Tokens come in `groups` runs of one user each (sequences); without groups, every token is
-    its own run and the outer products are summed in chunks to bound memory."""
-    out = torch.zeros(n_users, left.shape[1], right.shape[1], device=left.device, dtype=torch.float32)
-    if groups is not None:
-        L = left.shape[0] // groups
-        rows = uid.reshape(groups, L)[:, 0]
-        per = torch.bmm(left.reshape(groups, L, -1).transpose(1, 2), right.reshape(groups, L, -1).float())
-        valid = rows >= 0
-        return out.index_add_(0, rows[valid], per[valid])
-    chunk = max(1, (1 << 24) // max(1, left.shape[1] * right.shape[1]))
-    for i in range(0, left.shape[0], chunk):
-        u = uid[i : i + chunk]
-        valid = u >= 0
-        outer = left[i : i + chunk][valid][:, :, None] * right[i : i + chunk][valid].float()[:, None, :]
-        out.index_add_(0, u[valid], outer)
-    return out
 
 
 def _segment_gemm(s: _Shapes, sched, left, right, M, N, left_by_token, right_by_token, scale, dtype):
@@ -551,17 +519,8 @@ def backward(s: _Shapes, dy2, dlext, saved, x2, xl2, uid, groups, lora_A, lora_B
             grads["lora_A"] = _segment_gemm(s, sched, dh, xl2, s.R, s.IN, False, True, 1.0, lora_A.dtype)
         if needs["lora_B"]:
             grads["lora_B"] = _segment_gemm(s, sched, dy2, hg, s.OUT, s.R, True, False, scaling, lora_B.dtype)
-    if router_x is not None and needs["router_x"]:
-        grads["router_x"] = (dlogits.t() @ x2.float()).to(router_x.dtype)
-    if router_user is not None and needs["router_user"]:
-        rows_u = torch.where(uid >= 0, uid, router_user.shape[0] - 1)
-        grads["router_user"] = torch.zeros(router_user.shape, **f32).index_add_(0, rows_u, dlogits).to(router_user.dtype)
-    if router_h is not None and has_u and needs["router_h"]:
-        grads["router_h"] = (dlogits.t() @ hu).to(router_h.dtype)
-    if has_u and needs["user_A"]:
-        grads["user_A"] = _bank_grad(dhu, xl2, uid, groups, user_A.shape[0]).to(user_A.dtype)
-    if has_u and needs["user_B"]:
-        grads["user_B"] = (_bank_grad(dy2.float(), hu, uid, groups, user_B.shape[0]) * user_scaling).to(user_B.dtype)
+    grads.update(router_and_bank_grads(dlogits, dhu, dy2, x2, xl2, hu, uid, groups, router_x, router_user, router_h,
+                                       user_A, user_B, user_scaling, needs))
     return grads
 
 
