@@ -176,7 +176,7 @@ def cuda_extension():
         name=EXT_NAME,
         sources=sources,
         include_dirs=[str(HERE / "csrc")],
-        depends=sorted(glob.glob("csrc/*.h", root_dir=HERE)),
+        depends=sorted(glob.glob("csrc/*.h", root_dir=HERE) + glob.glob("csrc/*.cuh", root_dir=HERE)),
         extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
     )
     # After torch's include paths, so that the toolkit's own headers come first.

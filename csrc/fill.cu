@@ -1,5 +1,6 @@
 // proper::fill_ kernel: the smallest real CUDA op, here to prove that the
 // toolchain (nvcc, the torch headers, linking against libtorch) works.
+#include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/BFloat16.h>

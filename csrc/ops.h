@@ -3,12 +3,61 @@
 // checks, device guards and op registration live in ops.cpp.
 #pragma once
 
-#include <ATen/core/Tensor.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace at {
+class Tensor;
+}  // namespace at
 
 namespace proper {
 
 // Fills `out` (CUDA, contiguous, float32/float16/bfloat16; checked by the
 // caller) with `value` on the current CUDA stream.
 void launch_fill_(at::Tensor& out, double value);
+
+// Storage-type tags: each .cu file instantiates the launchers for one of them.
+struct F32 {};
+struct F16 {};
+struct BF16 {};
+
+// All pointers are device pointers of contiguous tensors checked by ops.cpp. Row
+// indices outside [0, rows) are treated as "no row" by the kernels (memory-safe even when
+// the caller skips the host-side range check).
+template <typename Tag>
+void launch_router_topk_fwd(const void* logits, void* gates, int64_t* indices, int64_t n_tokens, int E, int k,
+                            float inv_temperature, cudaStream_t stream);
+
+template <typename Tag>
+void launch_router_topk_bwd(const void* logits, const int64_t* indices, const void* dgates, void* dlogits,
+                            int64_t n_tokens, int E, int k, float inv_temperature, cudaStream_t stream);
+
+template <typename Tag>
+void launch_bgmv_shrink(const void* x, const void* W, const int64_t* idx, float* out, int64_t n_tokens, int S, int K,
+                        int M, int64_t rows, bool transpose, cudaStream_t stream);
+
+// base/out: float when out_float, else the storage type; base may be null (zero).
+template <typename Tag>
+void launch_bgmv_expand(const float* h, const void* W, const int64_t* idx, const float* scale, const void* base,
+                        void* out, bool out_float, int64_t n_tokens, int S, int M, int N, int64_t rows,
+                        bool transpose, cudaStream_t stream);
+
+struct DecodeLaunch {
+  const void *x, *base, *lora_A, *lora_B, *router_x, *router_user, *router_h, *user_A, *user_B;
+  const int64_t* uid;
+  void* y;
+  float *logits, *gates, *h, *hu;
+  int64_t* indices;
+  int64_t n_tokens;
+  int in, out, E, r, k, r_u, num_users;
+  float scaling, user_scaling, inv_temperature;
+};
+
+template <typename Tag>
+void launch_proper_decode(const DecodeLaunch& args, cudaStream_t stream);
+
+// Largest number of experts the warp-per-token router handles.
+constexpr int kMaxExperts = 1024;
 
 }  // namespace proper

@@ -8,6 +8,7 @@ from . import reference
 from .dispatch import (
     BACKENDS,
     available_backends,
+    cuda_extension_error,
     last_backend,
     proper_linear,
     router_topk,
@@ -19,6 +20,7 @@ __all__ = [
     "BACKENDS",
     "Routing",
     "available_backends",
+    "cuda_extension_error",
     "last_backend",
     "proper_linear",
     "reference",

@@ -55,11 +55,14 @@ def _triton_available(device: torch.device, dtype: Optional[torch.dtype]) -> Opt
     return f"Triton does not run on {device.type} tensors"
 
 
-def _not_yet(name: str, issue: str) -> Callable[[torch.device, Optional[torch.dtype]], Optional[str]]:
-    def available(device: torch.device, dtype: Optional[torch.dtype]) -> Optional[str]:
-        return f"the {name} backend is not implemented yet ({issue}); use backend='torch'"
-
-    return available
+def _cuda_available(device: torch.device, dtype: Optional[torch.dtype]) -> Optional[str]:
+    if _CUDA_ERROR is not None:
+        return _CUDA_ERROR
+    if device.type != "cuda":
+        return f"the CUDA kernels need CUDA tensors, got {device.type} tensors"
+    if dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
+        return f"the CUDA kernels take float32, float16 or bfloat16, got {dtype}; float64 runs on backend='torch'"
+    return None
 
 
 # The Triton kernels load with proper_kernels (importing triton after torch costs little), so
@@ -78,6 +81,16 @@ else:
         _TRITON_ERROR = f"the Triton kernels failed to load: {type(e).__name__}: {e}"
 
 
+from . import cuda_backend
+
+_CUDA_ERROR: Optional[str] = cuda_backend.load()
+
+
+def cuda_extension_error() -> Optional[str]:
+    """None when the compiled CUDA extension is loaded, else why it is not."""
+    return _CUDA_ERROR
+
+
 _REGISTRY: dict[str, Backend] = {
     "torch": Backend(
         "torch", _torch_available, router_topk=reference.router_topk, proper_linear=reference.proper_linear
@@ -88,7 +101,9 @@ _REGISTRY: dict[str, Backend] = {
         router_topk=_triton_ops.get("router_topk"),
         proper_linear=_triton_ops.get("proper_linear"),
     ),
-    "cuda": Backend("cuda", _not_yet("cuda", "the CUDA extension issue")),
+    "cuda": Backend(
+        "cuda", _cuda_available, router_topk=cuda_backend.router_topk, proper_linear=cuda_backend.proper_linear
+    ),
 }
 
 # Order in which "auto" tries backends on a GPU, fastest first. On the CPU "auto" is the

@@ -11,6 +11,9 @@ import torch
 
 import proper_kernels
 from proper_kernels import reference
+from kernel_checks import grid, rel_err
+from kernel_checks import cast as cast_to
+from kernel_checks import check as check_fn
 from test_reference import make_case
 
 triton = pytest.importorskip("triton")
@@ -19,9 +22,15 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 
 from proper_kernels import triton_linear  # noqa: E402
 
+
+def cast(case, dtype):
+    return cast_to(case, dtype, DEVICE)
+
+
+def check(case, dtype, strategy):
+    check_fn(case, dtype, DEVICE, lambda **kw: triton_linear.proper_linear(**kw, strategy=strategy))
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
-PARAMS = ("x", "base_out", "lora_A", "lora_B", "router_x", "router_user", "router_h", "user_A", "user_B")
 
 
 @pytest.fixture(autouse=True)
@@ -33,75 +42,6 @@ def poison(monkeypatch):
         return t.fill_(float("nan")) if dtype.is_floating_point else t.fill_(-7)
 
     monkeypatch.setattr(triton_linear, "_empty", empty)
-
-
-def cast(case, dtype):
-    return {k: (v.to(DEVICE, dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else
-                v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
-
-
-def check(case, dtype, strategy, extra_logit_grad=True):
-    """Forward + all gradients of the Triton op vs the float64 reference on the same values."""
-    low = cast(case, dtype)
-    names = [n for n in PARAMS if low[n] is not None]
-    ins = {n: low[n].clone().requires_grad_(True) for n in names}
-    y, routing = triton_linear.proper_linear(**dict(low, **ins), strategy=strategy)
-    hi = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in low.items()}
-    ins64 = {n: hi[n].clone().requires_grad_(True) for n in names}
-    y64, routing64 = reference.proper_linear(**dict(hi, **ins64))
-
-    tol = TOL[dtype]
-    assert y.dtype == dtype and y.shape == y64.shape
-    # Slots whose gate underflows in fp32 (k close to E, large logits) may order differently;
-    # they carry no weight. Every slot that matters must pick the same expert.
-    weighty = routing64.gates > 1e-6
-    assert torch.equal(routing.indices[weighty], routing64.indices[weighty])
-    assert ((routing.indices >= 0) & (routing.indices < case["lora_A"].shape[0])).all()
-    assert rel_err(routing.gates, routing64.gates) <= tol
-    assert rel_err(routing.logits, routing64.logits) <= tol
-    assert rel_err(y, y64) <= tol, rel_err(y, y64)
-
-    g = torch.Generator().manual_seed(0)
-    gy = torch.randn(y64.shape, generator=g, dtype=torch.float64).to(DEVICE)
-    gl = torch.randn(routing64.logits.shape, generator=g, dtype=torch.float64).to(DEVICE)
-    loss64 = (y64 * gy).sum() + ((routing64.logits * gl).sum() if extra_logit_grad else 0)
-    loss = (y.double() * gy).sum() + ((routing.logits.double() * gl).sum() if extra_logit_grad else 0)
-    loss64.backward()
-    loss.backward()
-    for n in names:
-        ref = ins64[n].grad
-        if ref is None:  # not on the reference's graph (no user ids at all): a zero gradient
-            assert ins[n].grad is None or torch.count_nonzero(ins[n].grad) == 0, n
-            continue
-        assert ins[n].grad is not None, n
-        assert ins[n].grad.dtype == dtype
-        err = rel_err(ins[n].grad, ref) if ref.abs().max() > 0 else ins[n].grad.abs().max().item()
-        assert err <= tol * 2, (n, err)
-
-
-SOURCE_SETS = [(), ("token",), ("user",), ("lora",), ("token", "user"), ("token", "lora"), ("user", "lora"),
-               ("token", "user", "lora")]
-SIZES = [(5, 3), (70, 37), (130, 67)]  # not multiples of the block
-
-
-def grid():
-    """A covering grid: every value of every axis appears, without the full product."""
-    cases = []
-    i = 0
-    for E, k in [(1, 1), (4, 1), (4, 2), (4, 4), (16, 2), (16, 16)]:
-        for sources in SOURCE_SETS:
-            T = (1, 7, 129)[i % 3]
-            d_in, d_out = SIZES[(i // 3) % 3]
-            r = (4, 16)[i % 2] if E < 16 else 4
-            r_u = (0, 8)[(i // 2) % 2]
-            cold = i % 4 != 3
-            cases.append((T, d_in, d_out, E, k, r, r_u, sources, cold))
-            i += 1
-    return cases
 
 
 STRATEGIES = ["dense", "grouped"]

@@ -1,0 +1,7 @@
+// Instantiates every proper CUDA op for one storage type (F32); one file per type so that
+// the dtypes compile in parallel.
+#include "launch.cuh"
+
+namespace proper {
+PROPER_INSTANTIATE(F32)
+}  // namespace proper

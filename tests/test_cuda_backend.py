@@ -1,0 +1,107 @@
+"""The CUDA backend (csrc/ ops) against the float64 reference, forward and every gradient.
+
+Needs a GPU and the built extension: marked `gpu`, skipped (and listed as skipped) elsewhere.
+Poisoning: the caching allocator is first filled with NaN blocks that the ops' outputs then
+reuse, so an element a kernel leaves unwritten shows up as NaN.
+"""
+
+import pytest
+import torch
+
+import proper_kernels
+from kernel_checks import check, grid, rel_err
+from proper_kernels import reference
+from test_reference import make_case
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+if proper_kernels.cuda_extension_error() is not None:
+    pytest.skip(proper_kernels.cuda_extension_error(), allow_module_level=True)
+
+from proper_kernels import cuda_backend  # noqa: E402
+
+DEVICE = "cuda"
+
+
+@pytest.fixture(autouse=True)
+def poison():
+    """Leave NaN-filled blocks of many sizes in the caching allocator for outputs to reuse."""
+    torch.cuda.synchronize()
+    blocks = [torch.full((n,), float("nan"), device=DEVICE) for n in (1 << s for s in range(4, 22))]
+    del blocks
+    yield
+
+
+def run_cuda(**kw):
+    return cuda_backend.proper_linear(**kw)
+
+
+@pytest.mark.parametrize("T,d_in,d_out,E,k,r,r_u,sources,cold", grid())
+def test_fp32_decode_kernel_matches_reference(T, d_in, d_out, E, k, r, r_u, sources, cold):
+    case = make_case(T * 7 + E * 3 + r, T, d_in, d_out, E, k, r, r_u, 6, sources, cold=cold)
+    check(case, torch.float32, DEVICE, run_cuda)
+
+
+@pytest.mark.parametrize("T,d_in,d_out,E,k,r,r_u,sources,cold", grid()[::3])
+def test_fp32_prefill_path_matches_reference(T, d_in, d_out, E, k, r, r_u, sources, cold, monkeypatch):
+    monkeypatch.setattr(cuda_backend, "DECODE_MAX_TOKENS", 0)  # force the shrink/expand halves
+    case = make_case(T * 5 + E + r, T, d_in, d_out, E, k, r, r_u, 6, sources, cold=cold)
+    check(case, torch.float32, DEVICE, run_cuda)
+
+
+@pytest.mark.parametrize("decode", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize(
+    "T,d_in,d_out,E,k,r,r_u,sources",
+    [(1, 5, 3, 1, 1, 4, 8, ("user",)), (7, 70, 37, 4, 2, 16, 8, ("token", "user", "lora")),
+     (300, 130, 67, 16, 2, 4, 0, ("token",)), (33, 20, 9, 64, 8, 4, 8, ("lora",))],
+)
+def test_half_precision_matches_reference(dtype, T, d_in, d_out, E, k, r, r_u, sources, decode, monkeypatch):
+    if not decode:
+        monkeypatch.setattr(cuda_backend, "DECODE_MAX_TOKENS", 0)
+    case = make_case(11 + T + E, T, d_in, d_out, E, k, r, r_u, 6, sources)
+    for name in ("lora_A", "lora_B", "user_A", "user_B"):
+        if case[name] is not None:
+            case[name] = case[name] * 0.3
+    check(case, dtype, DEVICE, run_cuda)
+
+
+def test_per_sequence_ids_and_dropout_input():
+    case = make_case(8, 24, 13, 10, 4, 2, 4, 8, 5, ("token", "user", "lora"), per_sequence=True, seq_len=6)
+    check(case, torch.float32, DEVICE, run_cuda)
+    case = make_case(9, 12, 14, 6, 4, 2, 4, 8, 5, ("token", "user", "lora"))
+    case["x_lora"] = case["x"] * (torch.rand(case["x"].shape) > 0.3) / 0.7
+    low = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+    low = {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in low.items()}
+    y, _ = cuda_backend.proper_linear(**low)
+    hi = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in low.items()}
+    y64, _ = reference.proper_linear(**hi)
+    assert rel_err(y, y64) <= 1e-5
+
+
+@pytest.mark.parametrize("E,k", [(1, 1), (8, 2), (33, 5), (64, 8), (1024, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_router_topk_matches_reference(E, k, dtype):
+    logits = (torch.randn(129, E, dtype=torch.float64) * 3).to(DEVICE, dtype).requires_grad_(True)
+    gates, idx = proper_kernels.router_topk(logits, k, 0.7, backend="cuda")
+    ref_in = logits.detach().double().requires_grad_(True)
+    g64, i64 = reference.router_topk(ref_in, k, 0.7)
+    weighty = g64 > 1e-6
+    assert torch.equal(idx[weighty], i64[weighty])
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(gates, g64) <= tol
+    dg = torch.randn_like(g64)
+    (gates.double() * dg).sum().backward()
+    (g64 * dg).sum().backward()
+    assert rel_err(logits.grad, ref_in.grad) <= 2 * tol
+
+
+def test_dispatcher_picks_cuda_and_index_checks_name_the_argument():
+    assert proper_kernels.select_backend("auto", DEVICE, torch.bfloat16) == "cuda"
+    x = torch.randn(4, 8, device=DEVICE)
+    w = torch.randn(3, 2, 8, device=DEVICE)
+    with pytest.raises(RuntimeError, match="'indices' contains 3"):
+        torch.ops.proper.bgmv_shrink(x, w, torch.tensor([[0], [1], [3], [-1]], device=DEVICE))
+    h = torch.ops.proper.bgmv_shrink(x, w, torch.tensor([[0], [1], [2], [-1]], device=DEVICE))
+    assert torch.equal(h[3], torch.zeros_like(h[3]))
