@@ -4,7 +4,7 @@ Layout of a directory written by ``save_adapters``:
 
 - ``adapter_model.safetensors``: every ProperLinear tensor named
   ``<module name>.<parameter>`` (``model.layers.0.mlp.gate_proj.lora_A``); its metadata
-  holds the format tag, the config as JSON and a SHA-256 of the tensor data, so the file
+  holds the format tag, the config as JSON and a SHA-256 of the config and the tensor data, so the file
   alone is enough to check and load.
 - ``proper_config.json``: the same config, for people and tools.
 
@@ -43,8 +43,9 @@ class AdapterFileError(ValueError):
     """An adapter file that is missing, corrupt or does not fit the model."""
 
 
-def _digest(tensors: dict[str, Tensor]) -> str:
-    h = hashlib.sha256()
+def _digest(tensors: dict[str, Tensor], config_json: str) -> str:
+    """SHA-256 of the config and of every tensor (name, dtype, shape, bytes)."""
+    h = hashlib.sha256(config_json.encode())
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -57,6 +58,11 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp makes the file 0600 (and a writer may recreate it so); give it what a plain
+        # open() would: 0666 less the umask.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -84,7 +90,8 @@ def save_adapters(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
             raise ValueError(f"refusing to save: adapter tensor {name!r} contains NaN or Inf")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": FORMAT, "config": config.to_json(), "sha256": _digest(tensors)}
+    config_json = config.to_json()
+    metadata = {"format": FORMAT, "config": config_json, "sha256": _digest(tensors, config_json)}
     _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     def write_json(tmp: str) -> None:
@@ -107,8 +114,8 @@ def _read(path: Path) -> tuple[ProperConfig, dict[str, Tensor]]:
         raise AdapterFileError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {e}") from None
     if metadata.get("format") != FORMAT:
         raise AdapterFileError(f"{weights} is not a proper adapter file (format {metadata.get('format')!r})")
-    if metadata.get("sha256") != _digest(tensors):
-        raise AdapterFileError(f"{weights} failed its checksum: the tensor data is corrupt")
+    if metadata.get("sha256") != _digest(tensors, metadata.get("config", "")):
+        raise AdapterFileError(f"{weights} failed its checksum: the tensor data or the config is corrupt")
     try:
         config = ProperConfig.from_json(metadata["config"])
     except (KeyError, ValueError, TypeError) as e:

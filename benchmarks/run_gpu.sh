@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Everything to do on a lent GPU machine, in one call (see the device tool's METHOD.md):
+# build the CUDA extension, run the GPU tests, run one small case of every CUDA op under
+# compute-sanitizer memcheck, then the op benchmark. Results and logs go to $OUT (or
+# benchmarks/results/ when $OUT is unset); commit the JSON/markdown from there.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT="${OUT:-benchmarks/results}"
+mkdir -p "$OUT"
+status=0
+
+echo "== build (PROPER_BUILD_CUDA=1)"
+PROPER_BUILD_CUDA=1 MAX_JOBS="${MAX_JOBS:-8}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
+    pip install --no-build-isolation --no-deps -v -e . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+python -c 'import torch, proper_kernels; print(torch.cuda.get_device_name(), "extension:", proper_kernels.cuda_extension_error() or "loaded")'
+
+echo "== GPU tests"
+python -m pytest -q tests/test_cuda_backend.py tests/test_cuda_ops.py tests/test_triton_linear.py \
+    tests/test_triton_router.py tests/test_triton_training.py tests/test_compile.py tests/test_build.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -5 || status=1
+
+echo "== compute-sanitizer memcheck"
+if command -v compute-sanitizer > /dev/null; then
+    compute-sanitizer --tool memcheck --error-exitcode 3 python -m benchmarks.gpu_check 2>&1 | tee "$OUT/memcheck.log" | tail -5
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+else
+    echo "compute-sanitizer not found; running the check without it" | tee "$OUT/memcheck.log"
+    python -m benchmarks.gpu_check | tee -a "$OUT/memcheck.log" || status=1
+fi
+
+echo "== op benchmark"
+python -m benchmarks.bench_op --device cuda --dtype bf16 --out "$OUT/op-$(date -u +%Y-%m-%d).json" || status=1
+exit "$status"
