@@ -190,8 +190,11 @@ int64_t check_shrink(const Tensor& x, const Tensor& weight, const Tensor& indice
   check_layout(op, "indices", indices, 2);
   check_index(op, "indices", indices, x);
   check_size(op, "indices", indices, 0, x.size(0), "tokens of x");
+  const int64_t M = transpose ? weight.size(2) : weight.size(1);
+  TORCH_CHECK(!transpose || M <= 256, "proper::", op, ": argument 'weight' may have at most 256 outputs (rank) ",
+              "when transposed, got ", M);
   if (check_indices) check_index_range(op, "indices", indices, weight.size(0));
-  return transpose ? weight.size(2) : weight.size(1);
+  return M;
 }
 
 Tensor bgmv_shrink_meta(const Tensor& x, const Tensor& weight, const Tensor& indices, bool transpose,

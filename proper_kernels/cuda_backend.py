@@ -92,8 +92,8 @@ class _ProperLinear(torch.autograd.Function):
             )
         else:
             logits = torch.zeros(T, E, device=x.device, dtype=torch.float32)
-            if router_x is not None:
-                logits += (x2 @ router_x.t()).float()
+            if router_x is not None:  # in fp32, so that 16-bit rounding cannot reorder the experts
+                logits += x2.float() @ router_x.float().t()
             if router_user is not None:
                 logits += router_user[torch.where(uid >= 0, uid, router_user.shape[0] - 1)].float()
             if has_u:
