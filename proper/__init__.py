@@ -10,6 +10,7 @@ user-aware router -> per-user LoRA with a LoRA-aware router), fast to train and 
 """
 
 from .config import ProperConfig
+from .export import export_peft
 from .io import AdapterFileError, load_adapters, load_config, save_adapters
 from .layer import ProperLinear
 from .patching import (
@@ -31,6 +32,7 @@ __all__ = [
     "ProperConfig",
     "ProperLinear",
     "aux_losses",
+    "export_peft",
     "get_config",
     "is_patched",
     "load_adapters",
