@@ -1,0 +1,176 @@
+"""A small, resumable trainer for the adapters of a patched model.
+
+Every `save_every` steps it writes a checkpoint (adapters through ``save_adapters``, the
+optimizer state and the RNG state as safetensors, the step and losses as JSON) into a new
+directory, then points ``latest`` at it with an atomic rename: a run killed at any moment
+restarts from the last complete checkpoint and, being seeded per step, ends with the same
+adapters as an uninterrupted run. Batches come from ``batch_at(step)``, so the data order
+depends on the step alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .io import load_adapters, save_adapters
+from .patching import aux_losses, user_context
+
+LATEST = "latest"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    lr: float = 5e-3
+    weight_decay: float = 0.0
+    load_balance: float = 0.01  # weight of the load-balance loss (stage 2)
+    distinctness: float = 0.01  # weight of the expert distinctness loss (stage 2)
+    save_every: int = 50
+    seed: int = 0
+    progress: bool = True
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            if isinstance(value, Tensor):
+                tensors[f"state.{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("state."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    for key, value in meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _rng_tensors() -> dict[str, Tensor]:
+    out = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"rng.cuda.{i}"] = s
+    return out
+
+
+def _restore_rng(tensors: dict[str, Tensor]) -> None:
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+
+
+def save_checkpoint(ckpt_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, losses: list) -> Path:
+    """Write checkpoint `step` and make it the latest; older ones are removed after."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / f"step-{step:07d}"
+    tmp = ckpt_dir / f".step-{step:07d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_adapters(model, tmp / "adapters")
+    tensors, meta = _optimizer_tensors(opt)
+    tensors.update(_rng_tensors())
+    save_file(tensors, str(tmp / "trainer.safetensors"))
+    _write_json(tmp / "trainer.json", {"step": step, "losses": losses, "optimizer": meta})
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _write_json(ckpt_dir / LATEST, {"checkpoint": final.name})
+    for old in ckpt_dir.glob("step-*"):
+        if old.name != final.name:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
+    pointer = ckpt_dir / LATEST
+    if not pointer.is_file():
+        return None
+    path = ckpt_dir / json.loads(pointer.read_text())["checkpoint"]
+    return path if path.is_dir() else None
+
+
+def train(
+    model: nn.Module,
+    batch_at: Callable[[int], dict],
+    cfg: TrainConfig,
+    ckpt_dir: Optional[Path] = None,
+    *,
+    trainable: Optional[Callable[[str], bool]] = None,
+    on_step: Optional[Callable[[int, float], None]] = None,
+    desc: str = "train",
+) -> list[float]:
+    """Train the adapters of a patched model for cfg.steps steps; returns the loss per step.
+
+    batch_at(step) -> dict of model inputs plus "user_rows" (LongTensor, one per sequence).
+    trainable(name) picks which adapter parameters train (default: all that require grad);
+    the others are frozen for this run. With `ckpt_dir`, resumes from its latest checkpoint.
+    """
+    from tqdm.auto import tqdm
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if trainable is not None:
+        for n, p in named:
+            p.requires_grad_(trainable(n))
+        named = [(n, p) for n, p in named if p.requires_grad]
+    if not named:
+        raise ValueError("nothing to train: no adapter parameter is trainable")
+    opt = torch.optim.AdamW([p for _, p in named], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start, losses = 0, []
+    if ckpt_dir is not None:
+        ckpt = latest_checkpoint(Path(ckpt_dir))
+        if ckpt is not None:
+            load_adapters(model, ckpt / "adapters")
+            tensors = load_file(str(ckpt / "trainer.safetensors"))
+            meta = json.loads((ckpt / "trainer.json").read_text())
+            _load_optimizer(opt, tensors, meta["optimizer"])
+            _restore_rng(tensors)
+            start, losses = meta["step"], meta["losses"]
+    model.train()
+    bar = tqdm(range(start, cfg.steps), desc=desc, disable=not cfg.progress, initial=start, total=cfg.steps)
+    for step in bar:
+        batch = dict(batch_at(step))
+        users = batch.pop("user_rows")
+        with user_context(model, users):
+            out = model(**batch)
+        loss = out.loss
+        if cfg.load_balance or cfg.distinctness:
+            aux = aux_losses(model)
+            loss = loss + cfg.load_balance * aux["load_balance"] + cfg.distinctness * aux["distinctness"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc}: the loss is {loss.item()} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(out.loss))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if on_step is not None:
+            on_step(step, losses[-1])
+        done = step + 1
+        if ckpt_dir is not None and (done % cfg.save_every == 0 or done == cfg.steps):
+            save_checkpoint(Path(ckpt_dir), model, opt, done, losses)
+    model.eval()
+    return losses
