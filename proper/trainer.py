@@ -165,7 +165,7 @@ def train(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(out.loss))
+        losses.append(out.loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if on_step is not None:
             on_step(step, losses[-1])
