@@ -232,6 +232,7 @@ setup(
         "safetensors>=0.4",
         "tqdm>=4.60",
         "numpy",
+        "rouge-score>=0.1.2",
     ],
     extras_require={
         "test": ["pytest", "peft>=0.17", "pytest-benchmark"],
