@@ -239,6 +239,7 @@ setup(
         "bench": ["peft>=0.17", "pytest-benchmark", "matplotlib"],
         "build": ["ninja"],
     },
+    entry_points={"console_scripts": ["proper=proper.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

@@ -16,6 +16,7 @@ records in each bucket, plus an ``"all"`` row.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Hashable, Iterable, Mapping, Optional, Sequence
 
 __all__ = [
@@ -213,3 +214,24 @@ def score_by_bucket(kind: str, preds: Sequence[str], refs: Sequence[str], users:
         row["records"] = len(idx)
         table[label] = row
     return table
+
+
+def adjusted_rand_index(labels_a: Sequence[Hashable], labels_b: Sequence[Hashable]) -> float:
+    """Adjusted Rand index of two clusterings of the same items (1: identical up to
+    renaming; about 0: chance agreement). Hubert & Arabie (1985)."""
+    a, b = list(labels_a), list(labels_b)
+    if len(a) != len(b):
+        raise ValueError(f"the clusterings have {len(a)} and {len(b)} items")
+    n = len(a)
+    if n < 2:
+        return 1.0
+    pairs = lambda k: k * (k - 1) / 2  # noqa: E731
+    joint = Counter(zip(a, b))
+    sum_joint = sum(pairs(c) for c in joint.values())
+    sum_a = sum(pairs(c) for c in Counter(a).values())
+    sum_b = sum(pairs(c) for c in Counter(b).values())
+    expected = sum_a * sum_b / pairs(n)
+    best = (sum_a + sum_b) / 2
+    if best == expected:  # both clusterings trivial (one cluster, or all singletons)
+        return 1.0
+    return (sum_joint - expected) / (best - expected)

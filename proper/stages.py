@@ -46,6 +46,7 @@ class PipelineConfig:
     user_rank: int = 4
     user_alpha: float = 8.0
     token_router: bool = False  # stage 2 routes on the user alone (PROPER); True adds W_x x
+    temperature: float = 1.0  # router softmax temperature of stages 2 and 3
     train: dict[int, TrainConfig] = field(default_factory=lambda: {s: TrainConfig() for s in STAGES})
 
     def stage_config(self, stage: int) -> ProperConfig:
@@ -55,7 +56,7 @@ class PipelineConfig:
                                 user_rank=0, num_users=self.num_users, router=(), **common)
         router = ("token", "user") if self.token_router else ("user",)
         group = dict(num_experts=self.num_experts, top_k=self.top_k, rank=self.rank, alpha=self.alpha,
-                     num_users=self.num_users, **common)
+                     num_users=self.num_users, temperature=self.temperature, **common)
         if stage == 2:
             return ProperConfig(user_rank=0, router=router, **group)
         if stage == 3:

@@ -38,6 +38,7 @@ class TrainConfig:
     save_every: int = 50
     seed: int = 0
     progress: bool = True
+    router_lr_scale: float = 1.0  # the routers' learning rate is lr times this
 
 
 def _write_json(path: Path, obj) -> None:
@@ -138,7 +139,12 @@ def train(
         named = [(n, p) for n, p in named if p.requires_grad]
     if not named:
         raise ValueError("nothing to train: no adapter parameter is trainable")
-    opt = torch.optim.AdamW([p for _, p in named], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    routers = [p for n, p in named if n.rsplit(".", 1)[-1].startswith("router_")]
+    others = [p for n, p in named if not n.rsplit(".", 1)[-1].startswith("router_")]
+    groups = [{"params": others}] if others else []
+    if routers:
+        groups.append({"params": routers, "lr": cfg.lr * cfg.router_lr_scale})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, losses = 0, []
     if ckpt_dir is not None:
         ckpt = latest_checkpoint(Path(ckpt_dir))

@@ -92,3 +92,14 @@ def test_score_by_bucket():
     assert table["1-4"]["accuracy"] == pytest.approx(2 / 3)
     assert table[">=20"]["accuracy"] == 0.0 and table["0"]["accuracy"] == 1.0
     assert table["all"]["users"] == 4 and table["all"]["records"] == 5 and table["all"]["accuracy"] == 0.6
+
+
+def test_adjusted_rand_index():
+    from proper.metrics import adjusted_rand_index
+
+    assert adjusted_rand_index([0, 0, 1, 1], [5, 5, 9, 9]) == 1.0  # the same up to renaming
+    assert adjusted_rand_index([0, 0, 1, 1], [0, 1, 0, 1]) == pytest.approx(-0.5)
+    # Hand-computed: a = [0,0,0,1,1,1], b = [0,0,1,1,2,2]; pair sums 2, 6, 3 over 15 pairs.
+    assert adjusted_rand_index([0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 2, 2]) == pytest.approx((2 - 6 * 3 / 15) / (4.5 - 1.2))
+    with pytest.raises(ValueError, match="items"):
+        adjusted_rand_index([0, 1], [0])

@@ -1,0 +1,190 @@
+"""The `proper` command line.
+
+    proper demo [--out DIR] [--users N] [--seed S]       the whole method on the built-in task
+    proper train --model PATH --data FILE --out DIR [--stages 1,2,3]
+    proper eval --model PATH --data FILE --out DIR [--stage 3]
+    proper generate --model PATH --out DIR --user ID --prompt TEXT [--stage 3]
+    proper export --model PATH --out DIR --user ID --format peft --dest DIR [--stage 3]
+
+`--model` is a Hugging Face causal LM directory (loaded offline with its tokenizer); `--out`
+holds the stages (stage1/, stage2/, stage3/), the user index (users.json) and the split.
+Re-running `train` resumes: finished stages are skipped, an interrupted one continues from
+its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+def _model_loader(path: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+
+    def build():
+        return AutoModelForCausalLM.from_pretrained(path)
+
+    return build, tokenizer
+
+
+def _pipeline_config(args, num_users: int):
+    from .stages import PipelineConfig
+    from .trainer import TrainConfig
+
+    tc = TrainConfig(steps=args.steps, lr=args.lr, save_every=args.save_every, seed=args.seed)
+    return PipelineConfig(num_users=num_users, target_modules=tuple(args.target_modules), num_experts=args.experts,
+                          top_k=args.top_k, rank=args.rank, user_rank=args.user_rank, train={s: tc for s in (1, 2, 3)})
+
+
+def _data(args, out: Path):
+    from .data import UserIndex, load_jsonl, split_by_user
+
+    data = load_jsonl(args.data)
+    split = split_by_user(data, seed=args.seed)
+    index_path = out / "users.json"
+    users = UserIndex.load(index_path) if index_path.is_file() else UserIndex.from_examples(data)
+    if not index_path.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        users.save(index_path)
+    return split, users
+
+
+def cmd_demo(args) -> int:
+    from .demo import DemoConfig, run
+
+    cfg = DemoConfig(num_users=args.users, seed=args.seed)
+    run(Path(args.out), cfg)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .data import special_token_ids
+    from .pipeline import batch_sampler, encode_split
+    from .stages import run_stage
+
+    out = Path(args.out)
+    build, tokenizer = _model_loader(args.model)
+    split, users = _data(args, out)
+    enc = encode_split(split.train, tokenizer, users, args.max_length)
+    pad = special_token_ids(tokenizer)[2]
+    cfg = _pipeline_config(args, len(users))
+    for stage in sorted({int(s) for s in args.stages.split(",")}):
+        balance = "record" if stage == 1 else "user"
+        run_stage(build, batch_sampler(enc, pad, args.batch_size, args.seed * 101 + stage, balance), out, cfg, stage)
+        print(f"stage {stage} done: {out / f'stage{stage}' / 'final'}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .pipeline import evaluate
+    from .stages import load_stage
+
+    out = Path(args.out)
+    build, tokenizer = _model_loader(args.model)
+    split, users = _data(args, out)
+    model = load_stage(build, out, args.stage)
+    table = evaluate(model, split.test, split.train, tokenizer, users, args.max_length, args.max_new_tokens,
+                     kind=args.kind)
+    print(json.dumps(table, indent=2))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .data import Example, UserIndex
+    from .pipeline import generate
+    from .stages import load_stage
+
+    out = Path(args.out)
+    build, tokenizer = _model_loader(args.model)
+    users = UserIndex.load(out / "users.json")
+    uid = users.parse(args.user)
+    model = load_stage(build, out, args.stage)
+    text = generate(model, [Example(uid, args.prompt, "x")], tokenizer, users, args.max_length,
+                    args.max_new_tokens)[0]
+    print(json.dumps({"user": uid, "prompt": args.prompt, "output": text}))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .data import UserIndex
+    from .export import export_peft
+    from .stages import load_stage
+
+    if args.format != "peft":
+        raise SystemExit(f"proper export: --format must be 'peft', got {args.format!r}")
+    out = Path(args.out)
+    build, _ = _model_loader(args.model)
+    users = UserIndex.load(out / "users.json")
+    row = users.row(users.parse(args.user))
+    model = load_stage(build, out, args.stage)
+    print(export_peft(model, row, args.dest))
+    return 0
+
+
+def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
+    p.add_argument("--model", required=True, help="a Hugging Face causal LM directory")
+    if data:
+        p.add_argument("--data", required=True, help='JSONL: {"user_id", "input", "output"} per line')
+    p.add_argument("--out", required=True, help="the run directory (stages, user index)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-length", type=int, default=256)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="proper", description="PROPER-style personalized LLMs")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="all three stages and the baselines on the built-in synthetic task")
+    p.add_argument("--out", default="proper-demo")
+    p.add_argument("--users", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train stages 1-3 on your model and data")
+    _common(p)
+    p.add_argument("--stages", default="1,2,3")
+    p.add_argument("--target-modules", nargs="+", default=["gate_proj", "up_proj", "down_proj"])
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--user-rank", type=int, default=8)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--save-every", type=int, default=100)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="LaMP metrics of a stage on the test split, per history bucket")
+    _common(p)
+    p.add_argument("--stage", type=int, default=3)
+    p.add_argument("--kind", choices=("classification", "rating", "generation"), default="generation")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="generate for one user")
+    _common(p, data=False)
+    p.add_argument("--user", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--stage", type=int, default=3)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="one user's adapter as a standard PEFT LoRA")
+    _common(p, data=False)
+    p.add_argument("--user", required=True)
+    p.add_argument("--format", default="peft")
+    p.add_argument("--dest", required=True)
+    p.add_argument("--stage", type=int, default=3)
+    p.set_defaults(func=cmd_export)
+
+    args = ap.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
