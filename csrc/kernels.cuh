@@ -112,6 +112,18 @@ __device__ __forceinline__ float warp_topk(const float (&p)[VPT], int E, int k, 
 
 constexpr int kTopkWarps = 4;
 
+// softmax(row / temperature) of one token's E logits, VPT values per lane.
+template <typename T, int VPT>
+__device__ __forceinline__ void warp_probabilities(const T* row, int E, int lane, float inv_temperature,
+                                                   float (&p)[VPT]) {
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    const int e = lane + i * kWarp;
+    p[i] = e < E ? to_float(row[e]) * inv_temperature : 0.f;
+  }
+  warp_softmax<VPT>(p, E, lane);
+}
+
 template <typename T, int VPT>
 __global__ void router_topk_fwd_kernel(const T* __restrict__ logits, T* __restrict__ gates,
                                        int64_t* __restrict__ indices, int64_t n_tokens, int E, int k,
@@ -123,12 +135,7 @@ __global__ void router_topk_fwd_kernel(const T* __restrict__ logits, T* __restri
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kTopkWarps + warp;
   if (t >= n_tokens) return;
   float p[VPT];
-#pragma unroll
-  for (int i = 0; i < VPT; ++i) {
-    const int e = lane + i * kWarp;
-    p[i] = e < E ? to_float(logits[t * E + e]) * inv_temperature : 0.f;
-  }
-  warp_softmax<VPT>(p, E, lane);
+  warp_probabilities<T, VPT>(logits + t * E, E, lane, inv_temperature, p);
   const float total = warp_topk<VPT>(p, E, k, lane, sel, val);
   __syncwarp();
   for (int j = lane; j < k; j += kWarp) {
@@ -148,12 +155,7 @@ __global__ void router_topk_bwd_kernel(const T* __restrict__ logits, const int64
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kTopkWarps + warp;
   if (t >= n_tokens) return;
   float p[VPT];
-#pragma unroll
-  for (int i = 0; i < VPT; ++i) {
-    const int e = lane + i * kWarp;
-    p[i] = e < E ? to_float(logits[t * E + e]) * inv_temperature : 0.f;
-  }
-  warp_softmax<VPT>(p, E, lane);
+  warp_probabilities<T, VPT>(logits + t * E, E, lane, inv_temperature, p);
 #pragma unroll
   for (int i = 0; i < VPT; ++i) {
     const int e = lane + i * kWarp;

@@ -45,7 +45,6 @@ import math
 import numbers
 import os
 import random
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -53,6 +52,8 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+
+from ._fs import atomic_write, atomic_write_text
 
 UserId = Union[int, str]
 REQUIRED = ("user_id", "input", "output")
@@ -332,26 +333,17 @@ def write_jsonl(examples: Iterable[Union[Example, Mapping]], path: Union[str, os
     fails (a record that is not JSON-serialisable, NaN, an exception from the iterable) the
     temporary file is removed and an existing ``path`` is left as it was. Returns the path."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
             for i, ex in enumerate(examples):
                 obj = ex.to_json() if isinstance(ex, Example) else dict(ex)
                 for key in REQUIRED:
                     if key not in obj:
                         raise DataError(f"record {i} has no {key!r}", path)
                 f.write(json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)  # mkstemp gives 0600; give what open() would: 0666 less the umask
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+
+    return atomic_write(path, write)
 
 
 # --------------------------------------------------------------------------- UserIndex
@@ -471,23 +463,7 @@ class UserIndex:
 
     def save(self, path: Union[str, os.PathLike]) -> Path:
         """Write the index as JSON, atomically."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_json(), f, ensure_ascii=False)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        return atomic_write_text(path, json.dumps(self.to_json(), ensure_ascii=False) + "\n")
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "UserIndex":

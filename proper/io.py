@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Union
 
@@ -28,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from ._fs import atomic_write, atomic_write_text
 from .config import ProperConfig
 from .patching import _patch_of, is_patched, patch_model, unpatch
 
@@ -53,25 +53,6 @@ def _digest(tensors: dict[str, Tensor], config_json: str) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp makes the file 0600 (and a writer may recreate it so); give it what a plain
-        # open() would: 0666 less the umask.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """Every adapter tensor of a patched model, by checkpoint name."""
     return {
@@ -92,13 +73,8 @@ def save_adapters(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     config_json = config.to_json()
     metadata = {"format": FORMAT, "config": config_json, "sha256": _digest(tensors, config_json)}
-    _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-    def write_json(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(config.to_json() + "\n")
-
-    _atomic_write(path / CONFIG_NAME, write_json)
+    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write_text(path / CONFIG_NAME, config_json + "\n")
     return path
 
 

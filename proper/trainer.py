@@ -22,6 +22,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ._fs import atomic_write_text
 from .io import load_adapters, save_adapters
 from .patching import aux_losses, user_context
 
@@ -42,9 +43,7 @@ class TrainConfig:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:

@@ -11,7 +11,7 @@ import torch
 
 import proper_kernels
 from proper_kernels import reference
-from kernel_checks import grid, rel_err
+from kernel_checks import grid, poisoned_empty, rel_err
 from kernel_checks import cast as cast_to
 from kernel_checks import check as check_fn
 from test_reference import make_case
@@ -36,12 +36,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
     """Fill every kernel output with NaN (floats) or -7 (ints) before the launch writes it."""
-
-    def empty(*shape, device, dtype):
-        t = torch.empty(*shape, device=device, dtype=dtype)
-        return t.fill_(float("nan")) if dtype.is_floating_point else t.fill_(-7)
-
-    monkeypatch.setattr(triton_linear, "_empty", empty)
+    monkeypatch.setattr(triton_linear, "_empty", poisoned_empty)
 
 
 STRATEGIES = ["dense", "grouped"]

@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from kernel_checks import poisoned_empty
 
 from proper_kernels import reference
 
@@ -34,13 +35,8 @@ TOL = {
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    """Fill every launcher output with NaN (floats) or -7 (ints) before the kernel writes it."""
-
-    def empty(*shape, device, dtype):
-        t = torch.empty(*shape, device=device, dtype=dtype)
-        return t.fill_(float("nan")) if dtype.is_floating_point else t.fill_(-7)
-
-    monkeypatch.setattr(triton_router, "_empty", empty)
+    """Fill every kernel output with NaN (floats) or -7 (ints) before the launch writes it."""
+    monkeypatch.setattr(triton_router, "_empty", poisoned_empty)
 
 
 def distinct_logits(T, E, dtype, seed, gap=0.1):
