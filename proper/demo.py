@@ -16,6 +16,7 @@ split and seed:
 from __future__ import annotations
 
 import time
+import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
@@ -164,7 +165,7 @@ class Demo:
         tc = self._tc(key)
         if not aux:
             tc = replace(tc, load_balance=0.0, distinctness=0.0)
-        train(model, self.sampler(balance, hash(name) % 997), tc, self.out / name / "checkpoints",
+        train(model, self.sampler(balance, zlib.crc32(name.encode()) % 997), tc, self.out / name / "checkpoints",
               trainable=trainable, desc=name)
         save_adapters(model, final)
         return model.eval()

@@ -155,7 +155,9 @@ def train(
             _restore_rng(tensors)
             start, losses = meta["step"], meta["losses"]
     model.train()
-    bar = tqdm(range(start, cfg.steps), desc=desc, disable=not cfg.progress, initial=start, total=cfg.steps)
+    # disable=None: bars on a terminal only, not in logs and CI output
+    bar = tqdm(range(start, cfg.steps), desc=desc, disable=None if cfg.progress else True, initial=start,
+               total=cfg.steps)
     for step in bar:
         batch = dict(batch_at(step))
         users = batch.pop("user_rows")
