@@ -1,4 +1,4 @@
-"""The README's main job runs and reproduces its outputs after a save/load round trip."""
+"""The quickstart example runs and reproduces its outputs after a save/load round trip."""
 
 import os
 import subprocess
