@@ -233,6 +233,7 @@ setup(
         "tqdm>=4.60",
         "numpy",
         "rouge-score>=0.1.2",
+        "matplotlib>=3.5",
     ],
     extras_require={
         "test": ["pytest", "peft>=0.17", "pytest-benchmark"],

@@ -9,7 +9,8 @@
            left them (frozen).
 
 A stage's directory holds ``checkpoints/`` (resumable training state) and, once done,
-``final/`` (its adapters, ``save_adapters`` format). A later stage rebuilds its starting
+``final/`` (its adapters, ``save_adapters`` format), ``loss.png`` and, for stages 2 and 3,
+``routing.png`` (the users x experts heat map of the user-aware router). A later stage rebuilds its starting
 point from the earlier stages' ``final/`` directories, so each stage resumes from the
 previous stage's checkpoint and a finished stage is never trained again.
 """
@@ -26,6 +27,7 @@ import torch.nn as nn
 from .config import ProperConfig
 from .io import _read, load_adapters, save_adapters
 from .patching import merge, patch_model, proper_layers
+from .plots import plot_losses, plot_routing
 from .trainer import TrainConfig, train
 
 STAGES = (1, 2, 3)
@@ -130,5 +132,8 @@ def run_stage(build_base: Callable[[], nn.Module], batch_at: Callable[[int], dic
         tcfg = TrainConfig(**{**tcfg.__dict__, "load_balance": 0.0, "distinctness": 0.0})
     losses = train(model, batch_at, tcfg, stage_dir(out, stage) / "checkpoints", trainable=_trainable(stage),
                    desc=f"stage {stage}")
+    plot_losses(losses, stage_dir(out, stage) / "loss.png", f"stage {stage} loss")
+    if stage >= 2:
+        plot_routing(model, stage_dir(out, stage) / "routing.png")
     save_adapters(model, stage_dir(out, stage) / "final")
     return losses

@@ -25,6 +25,8 @@ def test_stages_chain_and_resume(tmp_path):
         assert run_stage(LLAMA.build, batch_at, tmp_path, cfg, stage)
         assert is_done(tmp_path, stage)
         assert run_stage(LLAMA.build, batch_at, tmp_path, cfg, stage) == []  # done: not trained again
+        assert (tmp_path / f"stage{stage}" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (tmp_path / f"stage{stage}" / "routing.png").is_file() == (stage >= 2)
 
     s2 = load_stage(LLAMA.build, tmp_path, 2)
     s3 = load_stage(LLAMA.build, tmp_path, 3)
