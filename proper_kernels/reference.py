@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["Routing", "router_logits", "router_topk", "proper_linear", "user_shrink", "user_expand"]
+__all__ = ["Routing", "router_logits", "router_topk", "proper_linear", "user_shrink"]
 
 
 class Routing(NamedTuple):
@@ -58,22 +58,21 @@ def _groups(user_ids: Tensor, lead_shape: torch.Size) -> tuple[int, Tensor]:
     return ids.shape[0], ids
 
 
-def _user_matmul(t: Tensor, lead_shape: torch.Size, user_ids: Tensor, bank: Tensor) -> Tensor:
-    """Each token's row of `t` [T, n] times its user's bank matrix [m, n]; zero for id -1."""
+def _user_rows(user_ids: Tensor, lead_shape: torch.Size, bank: Tensor) -> tuple[int, Tensor]:
+    """(S, each group's bank matrix [S, m, n]); a user without a row (id -1) gets zeros.
+
+    Masking the small gathered matrices, not the [T, out] results, keeps the per-token work
+    to the two batched products."""
     S, ids = _groups(user_ids, lead_shape)
-    out = torch.matmul(t.reshape(S, -1, t.shape[-1]), bank[ids.clamp(min=0)].transpose(-1, -2))
-    zero = torch.zeros((), dtype=out.dtype, device=out.device)
-    return torch.where((ids >= 0)[:, None, None], out, zero).reshape(-1, bank.shape[1])
+    rows = bank[ids.clamp(min=0)]
+    zero = torch.zeros((), dtype=rows.dtype, device=rows.device)
+    return S, torch.where((ids >= 0)[:, None, None], rows, zero)
 
 
 def user_shrink(x: Tensor, user_ids: Tensor, user_A: Tensor) -> Tensor:
     """h_u = A^u x for every token of x [..., in], zero where the id is -1. Returns [T, r_u]."""
-    return _user_matmul(x.reshape(-1, x.shape[-1]), x.shape[:-1], user_ids, user_A)
-
-
-def user_expand(h: Tensor, lead_shape: torch.Size, user_ids: Tensor, user_B: Tensor) -> Tensor:
-    """B^u h_u for every token (zero where the id is -1). h [T, r_u]; returns [T, out]."""
-    return _user_matmul(h, lead_shape, user_ids, user_B)
+    S, A = _user_rows(user_ids, x.shape[:-1], user_A)
+    return torch.bmm(x.reshape(S, -1, x.shape[-1]), A.transpose(1, 2)).reshape(-1, user_A.shape[1])
 
 
 def _per_token_ids(user_ids: Tensor, lead_shape: torch.Size) -> Tensor:
@@ -163,8 +162,11 @@ def proper_linear(
     # Dense gate matrix [T, E]: zero for experts outside a token's top k.
     dense = torch.zeros(T, E, dtype=gates.dtype, device=gates.device).scatter(1, indices, gates)
     h = (xt @ lora_A.reshape(E * r, d_in).t()).reshape(T, E, r) * dense[:, :, None]
-    delta = (h.reshape(T, E * r) @ lora_B.permute(0, 2, 1).reshape(E * r, d_out)) * scaling
+    # base + s_g (g h) B_all in one product, then + s_u h_u B^u per user group.
+    y = torch.addmm(base_out.reshape(T, d_out), h.reshape(T, E * r), lora_B.transpose(1, 2).reshape(E * r, d_out),
+                    alpha=scaling)
     if has_user:
-        delta = delta + user_expand(h_user, x.shape[:-1], user_ids, user_B) * user_scaling
-    y = base_out + delta.reshape(base_out.shape).to(base_out.dtype)
-    return y, Routing(logits, gates, indices)
+        S, Bu = _user_rows(user_ids, x.shape[:-1], user_B)
+        y = torch.baddbmm(y.reshape(S, -1, d_out), h_user.reshape(S, -1, h_user.shape[1]), Bu.transpose(1, 2),
+                          alpha=user_scaling)
+    return y.reshape(base_out.shape), Routing(logits, gates, indices)
