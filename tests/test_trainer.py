@@ -62,3 +62,13 @@ def test_trainable_filter_freezes_the_rest(tmp_path):
     after = adapters(model)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all("user_" in k for k in changed)
+
+
+def test_router_lr_scale():
+    model = fresh()
+    before = adapters(model)
+    train(model, batch_at, TrainConfig(steps=2, lr=1e-2, progress=False, router_lr_scale=0.0))
+    after = adapters(model)
+    routers = [k for k in before if k.rsplit(".", 1)[-1].startswith("router_")]
+    assert routers and all(torch.equal(before[k], after[k]) for k in routers)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("lora_B"))
