@@ -128,6 +128,8 @@ class ProperLinear(nn.Module):
                 )
         if not self.needs_user_ids:
             user_ids = None
+        elif checked and user_ids.device != x.device:  # a model split over devices (device_map)
+            user_ids = user_ids.to(x.device, non_blocking=True)
         # Adapters run in their own dtype (as PEFT does); the result goes back to base's dtype.
         dt = self.lora_A.dtype
         y, routing = proper_kernels.proper_linear(
