@@ -45,6 +45,18 @@ def tiny_qwen2(seed: int = 0) -> nn.Module:
     return Qwen2ForCausalLM(cfg)
 
 
+def tiny_mistral(seed: int = 0) -> nn.Module:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(seed)
+    return MistralForCausalLM(cfg)
+
+
 def tiny_gpt2(seed: int = 0) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -84,7 +96,8 @@ LLAMA = ModelSpec("llama", tiny_llama, ("gate_proj", "up_proj", "down_proj"), "m
 QWEN2 = ModelSpec("qwen2", tiny_qwen2, ("gate_proj", "up_proj", "down_proj"), "mlp")
 GPT2 = ModelSpec("gpt2", tiny_gpt2, ("c_fc", "c_proj"), "mlp")
 BERT = ModelSpec("bert", tiny_bert, ("intermediate.dense", "output.dense"), "intermediate")
-ALL_MODELS = [LLAMA, QWEN2, GPT2, BERT]
+MISTRAL = ModelSpec("mistral", tiny_mistral, ("gate_proj", "up_proj", "down_proj"), "mlp")
+ALL_MODELS = [LLAMA, QWEN2, MISTRAL, GPT2, BERT]
 
 
 def full_config(targets, **over) -> proper.ProperConfig:
