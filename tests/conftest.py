@@ -21,40 +21,29 @@ NUM_USERS = 6
 BATCH_IDS = [0, 5, -1, 2]  # mixed users, one without a row; users 1, 3, 4 are not in the batch
 
 
-def tiny_llama(seed: int = 0) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _tiny_decoder(family: str, seed: int) -> nn.Module:
+    """A tiny Llama-shaped causal LM of `family` ("Llama", "Qwen2", "Mistral")."""
+    import transformers
 
-    cfg = LlamaConfig(
+    cfg = getattr(transformers, f"{family}Config")(
         vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
         attn_implementation="eager",
     )
     torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg)
+    return getattr(transformers, f"{family}ForCausalLM")(cfg)
+
+
+def tiny_llama(seed: int = 0) -> nn.Module:
+    return _tiny_decoder("Llama", seed)
 
 
 def tiny_qwen2(seed: int = 0) -> nn.Module:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    cfg = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        attn_implementation="eager",
-    )
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(cfg)
+    return _tiny_decoder("Qwen2", seed)
 
 
 def tiny_mistral(seed: int = 0) -> nn.Module:
-    from transformers import MistralConfig, MistralForCausalLM
-
-    cfg = MistralConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        attn_implementation="eager",
-    )
-    torch.manual_seed(seed)
-    return MistralForCausalLM(cfg)
+    return _tiny_decoder("Mistral", seed)
 
 
 def tiny_gpt2(seed: int = 0) -> nn.Module:
