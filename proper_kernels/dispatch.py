@@ -8,7 +8,6 @@ that says why, never a silent fallback.
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import logging
 import os
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _checks, reference
+from . import _checks, cuda_backend, reference
 from .reference import Routing
 
 log = logging.getLogger("proper_kernels")
@@ -80,9 +79,6 @@ else:
     except Exception as e:  # a broken triton install must not break the torch backend
         _TRITON_ERROR = f"the Triton kernels failed to load: {type(e).__name__}: {e}"
 
-
-from . import cuda_backend
-
 _CUDA_ERROR: Optional[str] = cuda_backend.load()
 
 
@@ -111,13 +107,6 @@ _REGISTRY: dict[str, Backend] = {
 _AUTO_ORDER = ("cuda", "triton", "torch")
 
 _last: dict[str, str] = {}
-
-
-def register_backend(backend: Backend) -> None:
-    """Install or replace a backend (used by the Triton and CUDA modules when they load)."""
-    if backend.name not in BACKENDS or backend.name == "auto":
-        raise ValueError(f"backend name must be one of {BACKENDS[1:]}, got {backend.name!r}")
-    _REGISTRY[backend.name] = backend
 
 
 def available_backends(device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None) -> list[str]:
