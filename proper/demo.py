@@ -28,9 +28,9 @@ from .config import ProperConfig
 from .data import UserIndex, special_token_ids
 from .io import load_adapters, save_adapters
 from .metrics import adjusted_rand_index
-from .patching import merge, patch_model, proper_layers
+from .patching import patch_model, proper_layers
 from .pipeline import batch_sampler, encode_split, evaluate
-from .stages import PipelineConfig, is_done, load_stage, run_stage, stage_dir
+from .stages import PipelineConfig, base_for_stage, is_done, load_stage, run_stage
 from .synthetic import make_task
 from .trainer import TrainConfig, train
 
@@ -170,11 +170,6 @@ class Demo:
         save_adapters(model, final)
         return model.eval()
 
-    def _merged_stage1(self) -> nn.Module:
-        model = self.base()
-        load_adapters(model, stage_dir(self.out, 1) / "final")
-        return merge(model)
-
     def run_stages(self) -> None:
         samplers = {1: self.sampler("record", 1), 2: self.sampler("user", 2), 3: self.sampler("user", 3)}
         for s in (1, 2, 3):
@@ -193,7 +188,7 @@ class Demo:
             "stage 1": load_stage(self.base, self.out, 1),
             "per-user LoRA": self._variant("oppu", lambda: patch_model(self.base(), oppu_cfg), "oppu", "user",
                                            trainable=lambda n: n.endswith(("user_A", "user_B"))),
-            "MoE-LoRA (token router)": self._variant("moe", lambda: patch_model(self._merged_stage1(), moe_cfg),
+            "MoE-LoRA (token router)": self._variant("moe", lambda: patch_model(base_for_stage(self.base, self.out, 2), moe_cfg),
                                                      "moe", "record", aux=True),
             "PROPER stage 2": load_stage(self.base, self.out, 2),
             "PROPER stage 3": load_stage(self.base, self.out, 3),

@@ -87,13 +87,20 @@ def _copy_matching(model: nn.Module, path: Path, names: tuple[str, ...]) -> None
                     getattr(layer, n).copy_(tensors[key])
 
 
-def build_stage_model(build_base: Callable[[], nn.Module], out: Path, cfg: PipelineConfig, stage: int) -> nn.Module:
-    """The model a stage starts from: the base, stage 1 merged in (for stages 2 and 3), and
-    for stage 3 the group experts and routers of stage 2."""
+def base_for_stage(build_base: Callable[[], nn.Module], out: Path, stage: int) -> nn.Module:
+    """The unpatched model a stage builds on: the base, with stage 1's population LoRA merged
+    into its weights for stages 2 and 3."""
     model = build_base()
     if stage >= 2:
         load_adapters(model, stage_dir(out, 1) / "final")
         merge(model)
+    return model
+
+
+def build_stage_model(build_base: Callable[[], nn.Module], out: Path, cfg: PipelineConfig, stage: int) -> nn.Module:
+    """The model a stage starts from: the base, stage 1 merged in (for stages 2 and 3), and
+    for stage 3 the group experts and routers of stage 2."""
+    model = base_for_stage(build_base, out, stage)
     patch_model(model, cfg.stage_config(stage))
     if stage == 3:
         _copy_matching(model, stage_dir(out, 2) / "final", ("lora_A", "lora_B", "router_x", "router_user"))
@@ -105,11 +112,7 @@ def build_stage_model(build_base: Callable[[], nn.Module], out: Path, cfg: Pipel
 
 def load_stage(build_base: Callable[[], nn.Module], out: Path, stage: int) -> nn.Module:
     """A finished stage's model, for evaluation or generation."""
-    model = build_base()
-    if stage >= 2:
-        load_adapters(model, stage_dir(out, 1) / "final")
-        merge(model)
-    return load_adapters(model, stage_dir(out, stage) / "final").eval()
+    return load_adapters(base_for_stage(build_base, out, stage), stage_dir(out, stage) / "final").eval()
 
 
 def _trainable(stage: int) -> Optional[Callable[[str], bool]]:
