@@ -74,8 +74,9 @@ def cmd_train(args) -> int:
     pad = special_token_ids(tokenizer)[2]
     cfg = _pipeline_config(args, len(users))
     for stage in sorted({int(s) for s in args.stages.split(",")}):
-        balance = "record" if stage == 1 else "user"
-        run_stage(build, batch_sampler(enc, pad, args.batch_size, args.seed * 101 + stage, balance), out, cfg, stage)
+        balance = "user" if stage == 3 else "record"  # stage 3: every user's own LoRA gets trained
+        run_stage(build, batch_sampler(enc, pad, args.batch_size, args.seed * 101 + stage, balance), out, cfg, stage,
+                  records=enc, pad_id=pad)
         print(f"stage {stage} done: {out / f'stage{stage}' / 'final'}")
     return 0
 

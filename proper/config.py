@@ -20,6 +20,9 @@ class ProperConfig:
     the bank exists when num_users > 0 and user_rank > 0.
     router: which logit sources are on: "token" (W_x x), "user" (R[u], the user-aware
     router) and "lora" (W_h h_u, the LoRA-aware router; needs the user bank).
+    share_user_router: one user-aware router table R for the whole model instead of one per
+    layer, so that a user's group (argmax_e R[u, e]) is one expert index in every layer; the
+    PROPER pipeline turns it on.
     """
 
     num_experts: int = 8
@@ -34,6 +37,7 @@ class ProperConfig:
     dropout: float = 0.0
     target_modules: Union[str, tuple[str, ...]] = ("gate_proj", "up_proj", "down_proj")
     backend: str = "auto"
+    share_user_router: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.router, str):
@@ -70,6 +74,8 @@ class ProperConfig:
                 "ProperConfig.router has 'lora' (the LoRA-aware router), which needs the user bank: "
                 f"set num_users > 0 and user_rank > 0 (got num_users={self.num_users}, user_rank={self.user_rank})"
             )
+        if not isinstance(self.share_user_router, bool):
+            raise TypeError(f"ProperConfig.share_user_router must be a bool, got {self.share_user_router!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"ProperConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
         targets = (self.target_modules,) if isinstance(self.target_modules, str) else self.target_modules

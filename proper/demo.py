@@ -42,13 +42,15 @@ class DemoConfig:
     num_users: int = 200
     num_groups: int = 4
     num_styles: int = 12  # more styles than experts: the group level cannot route on style
+    topics_per_record: int = 3
+    group_restarts: int = 3  # random starts of stage 2's user-to-group assignment (the best is kept)
     seed: int = 0
     hidden: int = 64
     layers: int = 2
     batch_size: int = 32
     pretrain_steps: int = 300
     steps: dict = field(default_factory=lambda: {1: 300, 2: 400, 3: 400, "oppu": 400, "moe": 400})
-    lr: dict = field(default_factory=lambda: {1: 5e-3, 2: 1e-2, 3: 2e-2, "oppu": 2e-2, "moe": 1e-2})
+    lr: dict = field(default_factory=lambda: {1: 5e-3, 2: 1e-2, 3: 2e-3, "oppu": 2e-3, "moe": 1e-2})
     max_length: int = 16
     progress: bool = True
 
@@ -84,7 +86,7 @@ class Demo:
     def __init__(self, cfg: DemoConfig, out: Path) -> None:
         self.cfg, self.out = cfg, Path(out)
         self.task = make_task(num_users=cfg.num_users, num_groups=cfg.num_groups, num_styles=cfg.num_styles,
-                              seed=cfg.seed)
+                              topics_per_record=cfg.topics_per_record, seed=cfg.seed)
         self.split = self.task.split(seed=cfg.seed)
         self.tokenizer = word_tokenizer(self.task.vocabulary())
         self.users = UserIndex.from_examples(self.task.examples)
@@ -93,7 +95,7 @@ class Demo:
         self.pcfg = PipelineConfig(
             num_users=len(self.users), target_modules=("gate_proj", "up_proj", "down_proj"),
             population_rank=8, population_alpha=16.0, num_experts=cfg.num_groups, top_k=2, rank=8, alpha=16.0,
-            user_rank=4, user_alpha=8.0,
+            user_rank=4, user_alpha=8.0, group_restarts=cfg.group_restarts,
             train={s: self._tc(s) for s in (1, 2, 3)},
         )
 
@@ -133,11 +135,10 @@ class Demo:
         for _ in range(self.cfg.pretrain_steps):
             seqs = []
             for _ in range(self.cfg.batch_size):
-                p = int(torch.randint(len(t.topics), (1,), generator=rng))
-                topic = t.topics[p]
-                ans = self._pretrain_answer(p)
+                ps = torch.randperm(len(t.topics), generator=rng)[: t.config.topics_per_record].tolist()
                 sty = t.style_words[int(torch.randint(len(t.style_words), (1,), generator=rng))]
-                words = t.prompt.format(topic=topic).split() + [ans, sty]
+                words = (t.prompt.format(topic=" ".join(t.topics[p] for p in ps)).split()
+                         + [self._pretrain_answer(p) for p in ps] + [sty])
                 seqs.append([bos] + [vocab[w] for w in words] + [eos])
             ids = torch.tensor(seqs)
             loss = model(input_ids=ids, labels=ids).loss
@@ -171,10 +172,10 @@ class Demo:
         return model.eval()
 
     def run_stages(self) -> None:
-        samplers = {1: self.sampler("record", 1), 2: self.sampler("user", 2), 3: self.sampler("user", 3)}
+        samplers = {1: self.sampler("record", 1), 2: self.sampler("record", 2), 3: self.sampler("user", 3)}
         for s in (1, 2, 3):
             if not is_done(self.out, s):
-                run_stage(self.base, samplers[s], self.out, self.pcfg, s)
+                run_stage(self.base, samplers[s], self.out, self.pcfg, s, records=self.train_enc, pad_id=self.pad)
 
     def models(self) -> dict[str, nn.Module]:
         self.run_stages()
@@ -197,7 +198,7 @@ class Demo:
     def evaluate(self, models: dict[str, nn.Module], test=None) -> dict[str, dict]:
         test = self.split.test if test is None else test
         return {name: evaluate(m, test, self.split.train, self.tokenizer, self.users, self.cfg.max_length,
-                               max_new_tokens=3, kind="classification", labels=self.task.labels())
+                               max_new_tokens=self.cfg.topics_per_record + 1, kind="classification", labels=self.task.labels())
                 for name, m in models.items()}
 
     def group_ari(self) -> float:

@@ -36,7 +36,9 @@ CONFIG_NAME = "proper_config.json"
 FORMAT = "proper-adapters/1"
 
 # Fields that change what the adapters compute; a file must agree on all of them.
-_MATCHING_FIELDS = ("num_experts", "top_k", "rank", "alpha", "user_rank", "user_alpha", "num_users", "router", "temperature")
+_MATCHING_FIELDS = ("num_experts", "top_k", "rank", "alpha", "user_rank", "user_alpha", "num_users", "router", "temperature",
+                    "share_user_router")
+SHARED_ROUTER_KEY = "router_user"  # the model-wide user-aware router when config.share_user_router
 
 
 class AdapterFileError(ValueError):
@@ -54,12 +56,18 @@ def _digest(tensors: dict[str, Tensor], config_json: str) -> str:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Every adapter tensor of a patched model, by checkpoint name."""
-    return {
-        f"{name}.{pname}": p
-        for name, layer in _patch_of(model).layers.items()
-        for pname, p in layer.adapter_parameters().items()
-    }
+    """Every adapter tensor of a patched model, by checkpoint name ("<module>.<tensor>"; a
+    user-aware router shared by every layer is stored once, as "router_user")."""
+    patch = _patch_of(model)
+    shared = patch.config.share_user_router and "user" in patch.config.router
+    out = {}
+    for name, layer in patch.layers.items():
+        for pname, p in layer.adapter_parameters().items():
+            if shared and pname == "router_user":
+                out[SHARED_ROUTER_KEY] = p
+            else:
+                out[f"{name}.{pname}"] = p
+    return out
 
 
 def save_adapters(model: nn.Module, path: Union[str, os.PathLike]) -> Path:

@@ -132,6 +132,9 @@ class ProperLinear(nn.Module):
             user_ids = user_ids.to(x.device, non_blocking=True)
         # Adapters run in their own dtype (as PEFT does); the result goes back to base's dtype.
         dt = self.lora_A.dtype
+        router_user = self.router_user
+        if router_user is not None and router_user.device != x.device:  # shared table, model split over devices
+            router_user = router_user.to(x.device)
         y, routing = proper_kernels.proper_linear(
             x.to(dt),
             base_out.to(dt),
@@ -141,7 +144,7 @@ class ProperLinear(nn.Module):
             top_k=self.top_k,
             temperature=self.temperature,
             router_x=self.router_x,
-            router_user=self.router_user,
+            router_user=router_user,
             router_h=self.router_h,
             user_ids=user_ids,
             user_A=self.user_A,

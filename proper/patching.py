@@ -108,6 +108,10 @@ def patch_model(
         layer = ProperLinear(module, config, state=patch.state)
         setattr(parent, child, layer)
         patch.layers[name] = layer
+    if config.share_user_router and "user" in config.router:
+        shared = next(iter(patch.layers.values())).router_user
+        for layer in patch.layers.values():
+            layer.router_user = shared  # one Parameter: named_parameters() and optimizers see it once
     setattr(model, _ATTR, patch)
     return model
 

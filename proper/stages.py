@@ -3,7 +3,14 @@
   stage 1  population: one LoRA (one expert, no router) on every user's data; then merged
            into the base weights, as the starting point of the next stages.
   stage 2  group: E LoRA experts with the user-aware router (R[u]; optionally the token
-           router), trained with the load-balance and expert-distinctness losses.
+           router), trained with the load-balance and expert-distinctness losses, on
+           batches drawn uniformly over records. One router table serves every layer, so a
+           user's group is one expert index. The router is trained by gradient and, early in
+           the stage, by hard assignment steps (hard EM, as in clustered federated learning):
+           every ``group_assign_every`` steps each user is routed to the expert under which
+           their own training records are most likely. Users start from a seeded random
+           assignment; with ``group_restarts > 1``, several starts are tried for
+           ``group_restart_steps`` steps and the one with the lowest loss is kept.
   stage 3  user: every user's LoRA in the bank plus the LoRA-aware router (W_h h_u), all
            users at once in mixed-user batches; the group experts and R stay as stage 2
            left them (frozen).
@@ -17,20 +24,24 @@ previous stage's checkpoint and a finished stage is never trained again.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
 
 from .config import ProperConfig
-from .io import _read, load_adapters, save_adapters
-from .patching import merge, patch_model, proper_layers
+from .io import SHARED_ROUTER_KEY, _read, load_adapters, save_adapters
+from .data import Encoded, pad_encoded
+from .patching import merge, patch_model, proper_layers, user_context
 from .plots import plot_losses, plot_routing
-from .trainer import TrainConfig, train
+from .trainer import TrainConfig, latest_checkpoint, train
 
 STAGES = (1, 2, 3)
+FORCE_LOGIT = 30.0  # a router logit that puts (nearly) all of a token's gate on one expert
 
 
 @dataclass
@@ -49,7 +60,26 @@ class PipelineConfig:
     user_alpha: float = 8.0
     token_router: bool = False  # stage 2 routes on the user alone (PROPER); True adds W_x x
     temperature: float = 1.0  # router softmax temperature of stages 2 and 3
+    share_user_router: bool = True  # one R for all layers: a user's group is one expert index
+    group_assign_every: int = 50  # stage 2 hard assignment steps (0: the router learns by gradient alone)
+    group_assign_until: float = 0.75  # ... during this fraction of the stage-2 steps
+    group_assign_strength: float = 3.0  # R[u] = strength * one_hot(expert) after an assignment
+    group_assign_records: int = 16  # the most recent records per user an assignment looks at
+    group_restarts: int = 1  # random starts of the assignment tried, the lowest loss kept
+    group_restart_steps: int = 100  # training steps given to each start
     train: dict[int, TrainConfig] = field(default_factory=lambda: {s: TrainConfig() for s in STAGES})
+
+    def __post_init__(self) -> None:
+        for name, low in (("group_assign_every", 0), ("group_assign_records", 1), ("group_restarts", 1),
+                          ("group_restart_steps", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"PipelineConfig.{name} must be an integer >= {low}, got {v!r}")
+        if not 0.0 <= self.group_assign_until <= 1.0:
+            raise ValueError(f"PipelineConfig.group_assign_until must be in [0, 1], got {self.group_assign_until!r}")
+        if not 0.0 < self.group_assign_strength < FORCE_LOGIT:
+            raise ValueError(f"PipelineConfig.group_assign_strength must be in (0, {FORCE_LOGIT}), "
+                             f"got {self.group_assign_strength!r}")
 
     def stage_config(self, stage: int) -> ProperConfig:
         common = dict(target_modules=tuple(self.target_modules), dropout=0.0)
@@ -58,7 +88,8 @@ class PipelineConfig:
                                 user_rank=0, num_users=self.num_users, router=(), **common)
         router = ("token", "user") if self.token_router else ("user",)
         group = dict(num_experts=self.num_experts, top_k=self.top_k, rank=self.rank, alpha=self.alpha,
-                     num_users=self.num_users, temperature=self.temperature, **common)
+                     num_users=self.num_users, temperature=self.temperature,
+                     share_user_router=self.share_user_router, **common)
         if stage == 2:
             return ProperConfig(user_rank=0, router=router, **group)
         if stage == 3:
@@ -83,6 +114,8 @@ def _copy_matching(model: nn.Module, path: Path, names: tuple[str, ...]) -> None
         for module, layer in proper_layers(model).items():
             for n in names:
                 key = f"{module}.{n}"
+                if key not in tensors and n == SHARED_ROUTER_KEY:
+                    key = SHARED_ROUTER_KEY
                 if key in tensors and getattr(layer, n) is not None:
                     getattr(layer, n).copy_(tensors[key])
 
@@ -115,6 +148,113 @@ def load_stage(build_base: Callable[[], nn.Module], out: Path, stage: int) -> nn
     return load_adapters(base_for_stage(build_base, out, stage), stage_dir(out, stage) / "final").eval()
 
 
+# -- stage 2: hard assignment of users to experts ---------------------------------------------
+
+def recent_records(records: Sequence[Encoded], per_user: int) -> list[Encoded]:
+    """The last `per_user` records of every user (records are in time order per user)."""
+    if per_user < 1:
+        raise ValueError(f"per_user must be >= 1, got {per_user}")
+    by_user: dict[int, list[Encoded]] = {}
+    for r in records:
+        by_user.setdefault(r.user_row, []).append(r)
+    return [r for u in sorted(by_user) for r in by_user[u][-per_user:]]
+
+
+def _user_routers(model: nn.Module) -> list[Tensor]:
+    tables = {id(layer.router_user): layer.router_user for layer in proper_layers(model).values()
+              if layer.router_user is not None}
+    if not tables:
+        raise ValueError("the model has no user-aware router (router must include 'user')")
+    return list(tables.values())
+
+
+@torch.no_grad()
+def expert_losses(model: nn.Module, records: Sequence[Encoded], pad_id: int, batch_size: int = 64) -> Tensor:
+    """[num_users, E] float64: the summed token NLL of each user's `records` with every layer's
+    routing forced to one expert (a user without records: 0)."""
+    tables = _user_routers(model)
+    E, N = tables[0].shape[1], tables[0].shape[0] - 1
+    out = torch.zeros(N, E, dtype=torch.float64)
+    saved = [t.detach().clone() for t in tables]
+    was_training = model.training
+    model.eval()
+    try:
+        for e in range(E):
+            for t in tables:
+                t.zero_()
+                t[:, e] = FORCE_LOGIT
+            for i in range(0, len(records), batch_size):
+                batch = pad_encoded(records[i:i + batch_size], pad_id)
+                rows, labels = batch.pop("user_rows"), batch.pop("labels")
+                device = tables[0].device
+                with user_context(model, rows.to(device)):
+                    logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+                nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:].to(device),
+                                      ignore_index=-100, reduction="none").sum(1)
+                out[:, e].index_add_(0, rows, nll.double().cpu())
+    finally:
+        for t, s in zip(tables, saved):
+            t.copy_(s)
+        model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def set_assignment(model: nn.Module, rows: Tensor, experts: Tensor, strength: float) -> None:
+    """R[rows] = strength * one_hot(experts) in every user-aware router of the model."""
+    for t in _user_routers(model):
+        t[rows.to(t.device)] = 0.0
+        t[rows.to(t.device), experts.to(t.device)] = strength
+
+
+def assign_groups(model: nn.Module, records: Sequence[Encoded], pad_id: int, strength: float) -> tuple[Tensor, float]:
+    """One hard assignment step: route every user with records to the expert under which those
+    records are most likely. Returns (expert per user, -1 without records; the total NLL)."""
+    losses = expert_losses(model, records, pad_id)
+    rows = torch.tensor(sorted({r.user_row for r in records}), dtype=torch.long)
+    best = losses[rows].min(-1)
+    set_assignment(model, rows, best.indices, strength)
+    experts = torch.full((losses.shape[0],), -1, dtype=torch.long)
+    experts[rows] = best.indices
+    return experts, float(best.values.sum())
+
+
+def _random_assignment(model: nn.Module, records: Sequence[Encoded], seed: int, strength: float) -> None:
+    rows = torch.tensor(sorted({r.user_row for r in records}), dtype=torch.long)
+    E = _user_routers(model)[0].shape[1]
+    g = torch.Generator().manual_seed(seed)
+    set_assignment(model, rows, torch.randint(0, E, (len(rows),), generator=g), strength)
+
+
+def _assign_hook(model, records, pad_id, cfg: "PipelineConfig", until: int):
+    every = cfg.group_assign_every
+
+    def on_step(step: int, loss: float) -> None:
+        if every > 0 and (step + 1) % every == 0 and step + 1 <= until:
+            assign_groups(model, records, pad_id, cfg.group_assign_strength)
+
+    return on_step
+
+
+def _stage2_start(build_base, batch_at, out: Path, cfg: "PipelineConfig", tcfg: TrainConfig,
+                  records: Sequence[Encoded], pad_id: int) -> nn.Module:
+    """The stage-2 model to train: a seeded random assignment, or the best of several."""
+    best, best_loss = None, float("inf")
+    for r in range(cfg.group_restarts):
+        torch.manual_seed(tcfg.seed * 7919 + r)  # each start has its own expert initialisation
+        model = build_stage_model(build_base, out, cfg, 2)
+        _random_assignment(model, records, tcfg.seed * 7919 + r, cfg.group_assign_strength)
+        if cfg.group_restarts == 1:
+            return model
+        short = replace(tcfg, steps=cfg.group_restart_steps)
+        train(model, batch_at, short, None, on_step=_assign_hook(model, records, pad_id, cfg, short.steps),
+              desc=f"stage 2 start {r + 1}/{cfg.group_restarts}")
+        _, loss = assign_groups(model, records, pad_id, cfg.group_assign_strength)
+        if loss < best_loss:
+            best, best_loss = model, loss
+    return best
+
+
 def _trainable(stage: int) -> Optional[Callable[[str], bool]]:
     if stage == 3:  # the user bank and the LoRA-aware router; the group level stays fixed
         return lambda name: name.endswith(("user_A", "user_B", "router_h"))
@@ -122,18 +262,37 @@ def _trainable(stage: int) -> Optional[Callable[[str], bool]]:
 
 
 def run_stage(build_base: Callable[[], nn.Module], batch_at: Callable[[int], dict], out: Path,
-              cfg: PipelineConfig, stage: int) -> list[float]:
-    """Train one stage (resuming its checkpoint) and save its final adapters."""
+              cfg: PipelineConfig, stage: int, *, records: Optional[Sequence[Encoded]] = None,
+              pad_id: Optional[int] = None) -> list[float]:
+    """Train one stage (resuming its checkpoint) and save its final adapters.
+
+    ``records``/``pad_id`` (the encoded training split and the pad token id) are needed by the
+    hard assignment steps of stage 2 (``cfg.group_assign_every > 0``)."""
     for earlier in range(1, stage):
         if not is_done(out, earlier):
             raise RuntimeError(f"stage {stage} needs stage {earlier} first (no {stage_dir(out, earlier) / 'final'})")
     if is_done(out, stage):
         return []
-    model = build_stage_model(build_base, out, cfg, stage)
     tcfg = cfg.train[stage]
     if stage != 2:
         tcfg = TrainConfig(**{**tcfg.__dict__, "load_balance": 0.0, "distinctness": 0.0})
-    losses = train(model, batch_at, tcfg, stage_dir(out, stage) / "checkpoints", trainable=_trainable(stage),
+    ckpt_dir = stage_dir(out, stage) / "checkpoints"
+    on_step = None
+    if stage == 2 and cfg.group_assign_every > 0:
+        if records is None or pad_id is None:
+            raise ValueError("stage 2 assigns users to groups from their records: pass records= (the encoded "
+                             "training split) and pad_id=, or set PipelineConfig.group_assign_every=0")
+        if not records:
+            raise ValueError("records is empty: stage 2 has no training record to assign users by")
+        records = recent_records(records, cfg.group_assign_records)
+        if latest_checkpoint(ckpt_dir) is None:
+            model = _stage2_start(build_base, batch_at, out, cfg, tcfg, records, pad_id)
+        else:  # resuming: the checkpoint holds the assignment
+            model = build_stage_model(build_base, out, cfg, stage)
+        on_step = _assign_hook(model, records, pad_id, cfg, int(cfg.group_assign_until * tcfg.steps))
+    else:
+        model = build_stage_model(build_base, out, cfg, stage)
+    losses = train(model, batch_at, tcfg, ckpt_dir, trainable=_trainable(stage), on_step=on_step,
                    desc=f"stage {stage}")
     plot_losses(losses, stage_dir(out, stage) / "loss.png", f"stage {stage} loss")
     if stage >= 2:

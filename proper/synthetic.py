@@ -5,7 +5,7 @@ Generative story (defaults in brackets; every draw uses ``random.Random`` stream
 from ``seed``, one for the task and one per user, so adding users never changes the
 others)::
 
-    G groups [4], P topics [8], A = G answer words, S style words [3]
+    G groups [4], P topics [8], A = G answer words, S style words [3], k topics per record [1]
 
     for each topic p:   perm_p = a random permutation of the G answers
                         pref[g][p] = perm_p[g]      # on EVERY topic the G groups disagree
@@ -13,11 +13,12 @@ others)::
                         n_u = min(max_history [100], floor(U ** (-1 / alpha [1.0]))),  U ~ U(0, 1]
                         # Pareto: P(n >= k) = 1/k -> half the users have 1 record,
                         # 83% have <= 5, ~1% reach the cap; ~5.2 records per user on average
-        for i in 0..n_u-1:  topic p ~ Uniform(P)
-                            answer = pref[g_u][p], or with prob. noise [0.02] another answer
-                            input  = "opinion on <topic>"
-                            output = "<answer> <style>"        e.g. "like truly"
-                            extra  = {"group": g_u, "timestamp": i, "topic": <topic>}
+        for i in 0..n_u-1:  k distinct topics p_1..p_k ~ Uniform(P)
+                            answer_j = pref[g_u][p_j], or with prob. noise [0.02] another answer
+                            input  = "opinion on <topic_1> ... <topic_k>"
+                            output = "<answer_1> ... <answer_k> <style>"   e.g. "like truly"
+                            extra  = {"group": g_u, "timestamp": i, "topic": <topic>}  (k = 1)
+                                     {"group": g_u, "timestamp": i, "topics": [...]}   (k > 1)
 
 User ids are strings ``"u0000"``, ``"u0001"``, ... The answer depends on (group, topic)
 only, the style on the user only, so:
@@ -34,7 +35,11 @@ population 0.14, group 0.45, user 0.98, and the smallest gaps are 0.21 (group ov
 population) and 0.43 (user over group).
 
 Because the groups disagree on every topic, one record identifies its user's group (up to
-the noise), which is what lets a user-aware router place users with a single record.
+the noise), which is what lets a user-aware router place users with a single record. With
+k = 1, though, a learner that does not know the groups can explain every one-record user
+just as well with experts that mix groups topic by topic; with k > 1 each record ties k
+answers of one group together, so only the true groups explain the data (the demo uses
+k = 3). The accuracies quoted here are for k = 1.
 
 Metric for the demo: exact-match accuracy of the whole output string (the classification
 view: G * S labels; macro-F1 applies too); ROUGE-1/L gives partial credit (answer or style
@@ -100,12 +105,16 @@ class SyntheticConfig:
     max_history: int = 100
     noise: float = 0.02  # probability that a record's answer is not the group's
     seed: int = 0
+    topics_per_record: int = 1  # k distinct topics asked in one record (k answers, one style)
 
     def __post_init__(self):
-        for name in ("num_users", "num_groups", "num_topics", "num_styles", "max_history"):
+        for name in ("num_users", "num_groups", "num_topics", "num_styles", "max_history", "topics_per_record"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.topics_per_record > self.num_topics:
+            raise ValueError(f"topics_per_record ({self.topics_per_record}) must be at most num_topics "
+                             f"({self.num_topics})")
         if self.num_groups < 2:
             raise ValueError(f"num_groups must be at least 2, got {self.num_groups}")
         if not (isinstance(self.pareto_alpha, (int, float)) and math.isfinite(self.pareto_alpha)
@@ -141,8 +150,11 @@ class SyntheticTask:
                                   + list(self.answers) + list(self.style_words)))
 
     def labels(self) -> list[str]:
-        """Every possible output string (answer x style), for macro-F1."""
-        return [f"{a} {s}" for a in self.answers for s in self.style_words]
+        """Every possible output string (an answer per asked topic, then a style), for macro-F1."""
+        heads = [""]
+        for _ in range(self.config.topics_per_record):
+            heads = [f"{h}{a} " for h in heads for a in self.answers]
+        return [f"{h}{s}" for h in heads for s in self.style_words]
 
     def split(self, val: float = 0.1, test: float = 0.1, seed: int = 0) -> Split:
         """Per-user split by timestamp (see :func:`proper.data.split_by_user`)."""
@@ -181,29 +193,40 @@ def make_task(config: Optional[SyntheticConfig] = None, **overrides) -> Syntheti
         truth[uid] = g
         styles[uid] = style
         for i in range(n):
-            p = _randint(r, len(topics))
-            answer = prefs[g][p]
-            if r.random() < c.noise:
-                others = [a for a in answers if a != answer]
-                answer = others[_randint(r, len(others))]
-            examples.append(Example(uid, PROMPT.format(topic=topics[p]), f"{answer} {style}",
-                                    {"group": g, "timestamp": i, "topic": topics[p]}))
+            asked: list[int] = []
+            said: list[str] = []
+            for _ in range(c.topics_per_record):
+                left = [q for q in range(len(topics)) if q not in asked]
+                p = left[_randint(r, len(left))]
+                answer = prefs[g][p]
+                if r.random() < c.noise:
+                    others = [a for a in answers if a != answer]
+                    answer = others[_randint(r, len(others))]
+                asked.append(p)
+                said.append(answer)
+            names = [topics[p] for p in asked]
+            extra = {"group": g, "timestamp": i, "topic": names[0]} if len(names) == 1 else \
+                {"group": g, "timestamp": i, "topics": names}
+            examples.append(Example(uid, PROMPT.format(topic=" ".join(names)), " ".join(said + [style]), extra))
     return SyntheticTask(c, Dataset(examples), truth, styles, prefs, topics, answers, style_words)
 
 
 # --------------------------------------------------------------------------- oracles
 
 
-def _topic(ex: Example) -> str:
-    t = ex.extra.get("topic")
-    return t if isinstance(t, str) else ex.input.split()[-1]
+def _topics(ex: Example) -> list[str]:
+    if isinstance(ex.extra.get("topics"), list):
+        return list(ex.extra["topics"])
+    if isinstance(ex.extra.get("topic"), str):
+        return [ex.extra["topic"]]
+    return ex.input.split()[2:]  # "opinion on <t1> <t2> ..."
 
 
-def _answer_style(ex: Example) -> tuple[str, str]:
+def _answers_style(ex: Example) -> tuple[list[str], str]:
     parts = ex.output.split()
-    if len(parts) != 2:
-        raise ValueError(f"not a synthetic-task output ('<answer> <style>'): {ex.output!r}")
-    return parts[0], parts[1]
+    if len(parts) != len(_topics(ex)) + 1:
+        raise ValueError(f"not a synthetic-task output ('<answer per topic> <style>') for {ex.input!r}: {ex.output!r}")
+    return parts[:-1], parts[-1]
 
 
 def _majority(counter: Counter) -> Optional[str]:
@@ -237,26 +260,29 @@ def oracle_predictions(train: Iterable[Example], truth: Mapping[UserId, int], le
     sty_usr: dict[UserId, Counter] = {}
     for ex in train:
         g = truth[ex.user_id]
-        t = _topic(ex)
-        a, s = _answer_style(ex)
-        ans_pop.setdefault(t, Counter())[a] += 1
-        ans_grp.setdefault((g, t), Counter())[a] += 1
+        said, s = _answers_style(ex)
+        for t, a in zip(_topics(ex), said):
+            ans_pop.setdefault(t, Counter())[a] += 1
+            ans_grp.setdefault((g, t), Counter())[a] += 1
         sty_pop[s] += 1
         sty_grp.setdefault(g, Counter())[s] += 1
         sty_usr.setdefault(ex.user_id, Counter())[s] += 1
     all_answers: Counter = sum(ans_pop.values(), Counter())
     preds = []
     for ex in eval_on:
-        t = _topic(ex)
-        answer = _majority(ans_pop.get(t, Counter())) or _majority(all_answers) or ""
+        g = truth.get(ex.user_id)
+        said = []
+        for t in _topics(ex):
+            answer = _majority(ans_pop.get(t, Counter())) or _majority(all_answers) or ""
+            if level in ("group", "user"):
+                answer = _majority(ans_grp.get((g, t), Counter())) or answer
+            said.append(answer)
         style = _majority(sty_pop) or ""
         if level in ("group", "user"):
-            g = truth.get(ex.user_id)
-            answer = _majority(ans_grp.get((g, t), Counter())) or answer
             style = _majority(sty_grp.get(g, Counter())) or style
         if level == "user":
             style = _majority(sty_usr.get(ex.user_id, Counter())) or style
-        preds.append(f"{answer} {style}")
+        preds.append(" ".join(said + [style]))
     return preds
 
 

@@ -121,3 +121,27 @@ def test_config_validation():
         make_task(num_users=0)
     t = make_task(num_groups=10, num_topics=14, num_styles=7, num_users=20, seed=5)
     assert len(set(t.answers)) == 10 and len(set(t.topics)) == 14 and len(set(t.style_words)) == 7
+
+
+def test_records_asking_several_topics():
+    t = make_task(num_users=60, topics_per_record=3, seed=2)
+    assert t.config.topics_per_record == 3
+    wrong = total = 0
+    for ex in t.examples:
+        topics = ex.extra["topics"]
+        assert len(topics) == 3 == len(set(topics)) and ex.input == "opinion on " + " ".join(topics)
+        *said, style = ex.output.split()
+        assert style == t.styles[ex.user_id] and ex.output in t.labels()
+        g = t.truth[ex.user_id]
+        for topic, a in zip(topics, said):
+            total += 1
+            wrong += a != t.preferences[g][t.topics.index(topic)]
+    assert wrong / total < 0.06  # the noise (0.02) only
+    assert len(t.labels()) == 4 ** 3 * 3
+    split = t.split()
+    acc = [oracle_accuracy(split, t.truth, level) for level in LEVELS]
+    assert acc[0] < acc[1] < acc[2]
+    # one record per topic is the default and draws exactly what it always drew
+    assert make_task(num_users=60, seed=2, topics_per_record=1).examples == make_task(num_users=60, seed=2).examples
+    with pytest.raises(ValueError, match="topics_per_record"):
+        SyntheticConfig(num_topics=4, topics_per_record=5)
