@@ -68,6 +68,7 @@ from torch import Tensor
 
 import proper
 import proper_kernels
+from proper.bench import OpCase
 from proper.layer import ProperLinear
 
 SCHEMA = "proper.bench_op/1"
@@ -88,25 +89,14 @@ MAX_ROUTING_MISMATCH = 1e-3
 # -- cases ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Case:
-    name: str
-    batch: int  # sequences, one user each
-    seq: int  # tokens per sequence
-    d_in: int
-    d_out: int
-    experts: int
-    top_k: int
-    rank: int
-    user_rank: int
-    num_users: int  # rows of the user bank
-
-    @property
-    def tokens(self) -> int:
-        return self.batch * self.seq
+def Case(name: str, batch: int, seq: int, d_in: int, d_out: int, experts: int, top_k: int, rank: int,
+         user_rank: int, num_users: int) -> OpCase:
+    """One case (``proper bench``'s OpCase): `batch` sequences of distinct users, one each,
+    from a bank of `num_users` rows; ``case.sweep`` is its name ("prefill" / "decode")."""
+    return OpCase(name, batch, seq, d_in, d_out, experts, top_k, rank, user_rank, batch, num_users)
 
 
-def cases(quick: bool) -> list[Case]:
+def cases(quick: bool) -> list[OpCase]:
     if quick:
         d, users = 256, 100
         return [
@@ -120,12 +110,12 @@ def cases(quick: bool) -> list[Case]:
     ]
 
 
-def make_layer(case: Case, device: torch.device, dtype: torch.dtype, seed: int = 0) -> ProperLinear:
+def make_layer(case: OpCase, device: torch.device, dtype: torch.dtype, seed: int = 0) -> ProperLinear:
     """A ProperLinear with every tensor random (B not zero, so no work is skipped), each value
     representable in `dtype` so that upcast copies compute the very same function."""
     cfg = proper.ProperConfig(
         num_experts=case.experts, top_k=case.top_k, rank=case.rank, alpha=2.0 * case.rank,
-        user_rank=case.user_rank, user_alpha=2.0 * case.user_rank, num_users=case.num_users,
+        user_rank=case.user_rank, user_alpha=2.0 * case.user_rank, num_users=case.bank,
         router=("token", "user", "lora"), dropout=0.0, target_modules=["proj"], backend="torch",
     )
     base = nn.Linear(case.d_in, case.d_out, bias=False, device=device, dtype=torch.float32)
@@ -156,18 +146,18 @@ class InputSet:
     ids_host: list[int]  # the same ids on the host (PEFT's adapter_names are a Python list)
 
 
-def make_inputs(case: Case, n: int, device: torch.device, dtype: torch.dtype, seed: int = 1) -> list[InputSet]:
+def make_inputs(case: OpCase, n: int, device: torch.device, dtype: torch.dtype, seed: int = 1) -> list[InputSet]:
     g = torch.Generator(device="cpu").manual_seed(seed)
     sets = []
     for _ in range(n):
-        ids = torch.randperm(case.num_users, generator=g)[: case.batch]  # distinct users
+        ids = torch.randperm(case.bank, generator=g)[: case.batch]  # distinct users
         x = torch.randn(case.batch, case.seq, case.d_in, generator=g).to(device=device, dtype=dtype)
         dy = torch.randn(case.batch, case.seq, case.d_out, generator=g).to(device=device, dtype=dtype)
         sets.append(InputSet(x.requires_grad_(True), dy, ids.to(device), ids.tolist()))
     return sets
 
 
-def num_input_sets(case: Case, device: torch.device, dtype: torch.dtype) -> int:
+def num_input_sets(case: OpCase, device: torch.device, dtype: torch.dtype) -> int:
     """Enough input sets that their x alone exceeds 1.5x the L2 cache (at least 4, at most 128)."""
     if device.type != "cuda":
         return 4
@@ -548,7 +538,7 @@ def peak_mib(v: Variant, mode: str, s: InputSet, device: torch.device) -> Option
 # -- bytes and bandwidth ----------------------------------------------------------------------
 
 
-def decode_bytes(case: Case, dtype: torch.dtype, experts_used: float, users_used: float, op: bool) -> float:
+def decode_bytes(case: OpCase, dtype: torch.dtype, experts_used: float, users_used: float, op: bool) -> float:
     """The fewest bytes one forward call must move: W once, x, y and, for the op, the router
     weights, the experts selected by any token of the batch and the users' rows."""
     el = torch.finfo(dtype).bits // 8
@@ -694,12 +684,12 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def run_case(case: Case, device: torch.device, dtype: torch.dtype, backends: list[str], budget_ms: float,
+def run_case(case: OpCase, device: torch.device, dtype: torch.dtype, backends: list[str], budget_ms: float,
              bandwidth: Optional[float], dev_name: str, dtype_name: str) -> list[dict]:
     master = make_layer(case, device, dtype)  # float32, every value exact in `dtype`
     sets = make_inputs(case, num_input_sets(case, device, dtype), device, dtype)
     shape = {"T": case.tokens, "in": case.d_in, "out": case.d_out, "E": case.experts, "k": case.top_k,
-             "r": case.rank, "r_u": case.user_rank, "users": case.num_users, "batch": case.batch,
+             "r": case.rank, "r_u": case.user_rank, "users": case.bank, "batch": case.batch,
              "seq": case.seq, "users_in_batch": len(set(sets[0].ids_host))}
 
     # Correctness first: float32 vs the torch backend in float64, then the timed dtype.
@@ -732,7 +722,7 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, backends: lis
 
     # Bytes a decode forward must move: the experts chosen by any token, the users present.
     experts_used = users_used = None
-    if case.name == "decode":
+    if case.sweep == "decode":
         used = []
         for s in sets:
             with torch.no_grad():
@@ -748,7 +738,7 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, backends: lis
             chk = checks[v.name]
             tol_bench = TOL_BENCH[dtype]
             row = {
-                "case": case.name, "device": dev_name, "dtype": dtype_name, "shape": shape,
+                "case": case.sweep, "device": dev_name, "dtype": dtype_name, "shape": shape,
                 "variant": v.name, "backend": v.backend, "mode": mode,
                 "median_ms": None, "p20_ms": None, "p80_ms": None, "reps": None, "peak_mem_mib": None,
                 "bytes_moved": None, "GBps": None, "pct_of_bandwidth": None,
@@ -764,7 +754,7 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, backends: lis
                     and chk["routing_mismatch"] <= MAX_ROUTING_MISMATCH * chk["tokens"]
                 )
                 if not row["ok"]:
-                    log(f"WRONG: {case.name} {v.name}: {chk}")
+                    log(f"WRONG: {case.sweep} {v.name}: {chk}")
                 try:
                     prev = timings.get(v.name, {})
                     t, how = time_mode(v, mode, sets, device, budget_ms, prev.get("forward"), prev.get("full"))
@@ -774,16 +764,16 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, backends: lis
                     row["peak_mem_mib"] = peak_mib(v, mode, sets[0], device)
                 except Exception as e:
                     row.update(ok=False, error=f"{type(e).__name__}: {e}")
-                    log(f"ERROR: {case.name} {mode} {v.name}: {row['error']}")
+                    log(f"ERROR: {case.sweep} {mode} {v.name}: {row['error']}")
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
-            if case.name == "decode" and mode == "forward" and row["median_ms"]:
+            if case.sweep == "decode" and mode == "forward" and row["median_ms"]:
                 nbytes = decode_bytes(case, dtype, experts_used, users_used, op=v.name != "linear")
                 row["bytes_moved"] = nbytes
                 row["GBps"] = nbytes / row["median_ms"] / 1e6
                 row["pct_of_bandwidth"] = 100 * row["GBps"] / bandwidth if bandwidth else None
             rows.append(row)
-            log(f"{case.name:8s} {mode:8s} {v.name:14s} {_fmt(row['median_ms'])} ms")
+            log(f"{case.sweep:8s} {mode:8s} {v.name:14s} {_fmt(row['median_ms'])} ms")
     rows.sort(key=lambda r: MODES.index(r["mode"]))  # stable: variants keep their order
     # ratios within each (case, mode)
     for mode in MODES:

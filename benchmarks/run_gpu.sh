@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything to do on a lent GPU machine, in one call (see the device tool's METHOD.md):
 # build the CUDA extension, run the GPU tests, run one small case of every CUDA op under
-# compute-sanitizer memcheck, then the op benchmark. Results and logs go to $OUT (or
+# compute-sanitizer memcheck, then the op benchmark and `proper bench --device cuda`. Results and logs go to $OUT (or
 # benchmarks/results/ when $OUT is unset); commit the JSON/markdown from there.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -29,4 +29,7 @@ fi
 
 echo "== op benchmark"
 python -m benchmarks.bench_op --device cuda --dtype bf16 --out "$OUT/op-$(date -u +%Y-%m-%d).json" || status=1
+
+echo "== the benchmark suite (op, block, ~1B model: forward, training step, 64-user generation)"
+proper bench --device cuda --out "$OUT" || status=1
 exit "$status"

@@ -5,6 +5,7 @@
     proper eval --model PATH --data FILE --out DIR [--stage 3]
     proper generate --model PATH --out DIR --user ID --prompt TEXT [--stage 3]
     proper export --model PATH --out DIR --user ID --format peft --dest DIR [--stage 3]
+    proper bench [--device cpu|cuda] [--quick] [--out DIR]   speed and memory against peft
 
 `--model` is a Hugging Face causal LM directory (loaded offline with its tokenizer); `--out`
 holds the stages (stage1/, stage2/, stage3/), the user index (users.json) and the split.
@@ -137,6 +138,11 @@ def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # its own parser: `proper bench --help` lists the bench options
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     ap = argparse.ArgumentParser(prog="proper", description="PROPER-style personalized LLMs")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -182,6 +188,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--dest", required=True)
     p.add_argument("--stage", type=int, default=3)
     p.set_defaults(func=cmd_export)
+
+    sub.add_parser("bench", help="speed and memory against peft (proper bench --help)")
 
     args = ap.parse_args(argv)
     return args.func(args)

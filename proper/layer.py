@@ -155,6 +155,7 @@ class ProperLinear(nn.Module):
             return_routing=True,
             check_user_ids=not checked,
             backend=self.backend,
+            inplace=True,  # base_out is this call's own fresh tensor
         )
         self.last_backend = proper_kernels.last_backend("proper_linear")
         self._routing = routing if (self.training and self.num_experts > 1) else None

@@ -187,6 +187,7 @@ def proper_linear(
     return_routing: bool = False,
     check_user_ids: bool = True,
     backend: str = "auto",
+    inplace: bool = False,
 ) -> Union[Tensor, tuple[Tensor, Routing]]:
     """The fused ProperLinear pass added onto the base product (SPEC.md "One layer").
 
@@ -197,7 +198,11 @@ def proper_linear(
 
     Returns y shaped like base_out, or (y, Routing) with ``return_routing=True``.
     ``check_user_ids=False`` skips the id range check (one host sync) for callers that
-    validated the ids already, as ``proper.user_context`` does.
+    validated the ids already, as ``proper.user_context`` does. ``inplace=True`` lets the
+    backend add the adapters into base_out's memory (vLLM's ``add_inputs``) instead of a
+    fresh tensor, saving a full pass over [T, out]: y may then alias base_out, whose content
+    is undefined afterwards. Autograd is unaffected (base_out's producer must not need its
+    own output for backward, which holds for a linear layer).
     """
     _checks.tensor("x", x)
     if x.dim() < 1:
@@ -269,6 +274,7 @@ def proper_linear(
         user_B=user_B,
         user_scaling=float(user_scaling),
         x_lora=x_lora,
+        **({"inplace": True} if inplace and name == "torch" else {}),
     )
     _record("proper_linear", name)
     if checking:

@@ -58,21 +58,21 @@ def _groups(user_ids: Tensor, lead_shape: torch.Size) -> tuple[int, Tensor]:
     return ids.shape[0], ids
 
 
-def _user_rows(user_ids: Tensor, lead_shape: torch.Size, bank: Tensor) -> tuple[int, Tensor]:
-    """(S, each group's bank matrix [S, m, n]); a user without a row (id -1) gets zeros.
+def _user_rows(user_ids: Tensor, lead_shape: torch.Size, bank: Tensor) -> tuple[int, Tensor, Tensor]:
+    """(S, each group's bank matrix [S, m, n], has_row [S] as 0/1 in the bank's dtype).
 
-    Masking the small gathered matrices, not the [T, out] results, keeps the per-token work
-    to the two batched products."""
+    A user without a row (id -1) gathers row 0; callers zero that group's h_u = A x (a
+    [T, r_u] product, much smaller than the gathered matrices), which also zeroes its B^u
+    product and every gradient it would send to row 0."""
     S, ids = _groups(user_ids, lead_shape)
-    rows = bank[ids.clamp(min=0)]
-    zero = torch.zeros((), dtype=rows.dtype, device=rows.device)
-    return S, torch.where((ids >= 0)[:, None, None], rows, zero)
+    return S, bank[ids.clamp(min=0)], (ids >= 0).to(bank.dtype)
 
 
 def user_shrink(x: Tensor, user_ids: Tensor, user_A: Tensor) -> Tensor:
     """h_u = A^u x for every token of x [..., in], zero where the id is -1. Returns [T, r_u]."""
-    S, A = _user_rows(user_ids, x.shape[:-1], user_A)
-    return torch.bmm(x.reshape(S, -1, x.shape[-1]), A.transpose(1, 2)).reshape(-1, user_A.shape[1])
+    S, A, has_row = _user_rows(user_ids, x.shape[:-1], user_A)
+    h = torch.bmm(x.reshape(S, -1, x.shape[-1]), A.transpose(1, 2)) * has_row[:, None, None]
+    return h.reshape(-1, user_A.shape[1])
 
 
 def _per_token_ids(user_ids: Tensor, lead_shape: torch.Size) -> Tensor:
@@ -130,13 +130,20 @@ def proper_linear(
     user_B: Optional[Tensor] = None,
     user_scaling: float = 0.0,
     x_lora: Optional[Tensor] = None,
+    inplace: bool = False,
 ) -> tuple[Tensor, Routing]:
     """y = base_out + s_g * sum_e g_te B_e A_e x_lora + s_u * B^u A^u x_lora.
 
     ``x`` feeds the token router; ``x_lora`` (x after adapter dropout, default x) feeds the
     expert and user LoRAs, and through h_u the LoRA-aware router. Experts are evaluated
     densely and masked by the gates (exact: unselected experts get a zero gate and a zero
-    gradient). Returns (y shaped like base_out, Routing).
+    gradient). Returns (y shaped like base_out, Routing). With ``inplace``, y is accumulated
+    in base_out's memory (where base_out's layout allows) instead of a new tensor.
+
+    One expert, top-1 and no router term (a plain LoRA beside the user bank) skips the
+    router: every gate is exactly 1 then. ``scaling == 0`` (alpha = 0: the group level off, a
+    user bank alone) skips the expert products: their term is zero, and lora_A/lora_B get no
+    gradient (None rather than zeros).
     """
     if x_lora is None:
         x_lora = x
@@ -148,25 +155,38 @@ def proper_linear(
     has_user = user_A is not None and user_ids is not None and user_A.shape[1] > 0
     h_user = user_shrink(x_lora, user_ids, user_A) if has_user else None
 
-    logits = router_logits(
-        x,
-        E,
-        router_x=router_x,
-        router_user=router_user,
-        router_h=router_h,
-        user_ids=user_ids,
-        h_user=h_user,
-    )
-    gates, indices = router_topk(logits, top_k, temperature)
-
-    # Dense gate matrix [T, E]: zero for experts outside a token's top k.
-    dense = torch.zeros(T, E, dtype=gates.dtype, device=gates.device).scatter(1, indices, gates)
-    h = (xt @ lora_A.reshape(E * r, d_in).t()).reshape(T, E, r) * dense[:, :, None]
-    # base + s_g (g h) B_all in one product, then + s_u h_u B^u per user group.
-    y = torch.addmm(base_out.reshape(T, d_out), h.reshape(T, E * r), lora_B.transpose(1, 2).reshape(E * r, d_out),
-                    alpha=scaling)
+    no_router = router_x is None and router_user is None and (router_h is None or h_user is None)
+    if E == 1 and no_router:
+        logits = torch.zeros(T, 1, dtype=x.dtype, device=x.device)
+        gates, indices = torch.ones_like(logits), torch.zeros(T, 1, dtype=torch.long, device=x.device)
+        h = xt @ lora_A[0].t() if scaling != 0.0 else None
+    else:
+        logits = router_logits(
+            x,
+            E,
+            router_x=router_x,
+            router_user=router_user,
+            router_h=router_h,
+            user_ids=user_ids,
+            h_user=h_user,
+        )
+        gates, indices = router_topk(logits, top_k, temperature)
+        # Dense gate matrix [T, E]: zero for experts outside a token's top k.
+        dense = torch.zeros(T, E, dtype=gates.dtype, device=gates.device).scatter(1, indices, gates)
+        h = None
+        if scaling != 0.0:
+            h = ((xt @ lora_A.reshape(E * r, d_in).t()).reshape(T, E, r) * dense[:, :, None]).reshape(T, E * r)
+    # base + s_g (g h) B_all in one product, then + s_u h_u B^u per user group. s_g = 0 (the
+    # group level switched off, alpha = 0: a user bank alone) skips the expert products.
+    y = base_out.reshape(T, d_out)
+    if scaling != 0.0:
+        B_all = lora_B.transpose(1, 2).reshape(E * r, d_out)
+        y = y.addmm_(h, B_all, alpha=scaling) if inplace else torch.addmm(y, h, B_all, alpha=scaling)
+    elif not inplace:
+        y = y.clone()
     if has_user:
-        S, Bu = _user_rows(user_ids, x.shape[:-1], user_B)
-        y = torch.baddbmm(y.reshape(S, -1, d_out), h_user.reshape(S, -1, h_user.shape[1]), Bu.transpose(1, 2),
-                          alpha=user_scaling)
+        S, Bu, _ = _user_rows(user_ids, x.shape[:-1], user_B)  # h_u is zero for id -1
+        hu, y3 = h_user.reshape(S, -1, h_user.shape[1]), y.reshape(S, -1, d_out)
+        # After addmm y is a fresh tensor (or base_out's own memory): accumulating into it is safe.
+        y = y3.baddbmm_(hu, Bu.transpose(1, 2), alpha=user_scaling)
     return y.reshape(base_out.shape), Routing(logits, gates, indices)

@@ -210,3 +210,42 @@ def test_random_shapes(seed):
     y_naive, chosen, _ = run_naive(case)
     torch.testing.assert_close(y, y_naive, rtol=1e-12, atol=1e-12)
     assert routing.indices.tolist() == chosen
+
+
+@pytest.mark.parametrize("T,d_in,d_out,E,k,r,r_u", [GRID[1], GRID[3], GRID[4]])
+@pytest.mark.parametrize("sources", [(), ("token", "user", "lora")], ids=lambda s: "+".join(s) or "none")
+@pytest.mark.parametrize("scaling", [1.7, 0.0])
+def test_inplace_and_group_off_match_the_naive_loop(T, d_in, d_out, E, k, r, r_u, sources, scaling):
+    case = make_case(zlib.crc32(repr((T, E, r_u, sources, "inplace")).encode()), T, d_in, d_out, E, k, r, r_u, 5,
+                     sources)
+    case["scaling"] = scaling
+    y_naive, chosen, _ = run_naive(case)
+    before = case["base_out"].clone()
+    y, routing = reference.proper_linear(**case)  # out of place: base_out untouched
+    assert torch.equal(case["base_out"], before)
+    torch.testing.assert_close(y, y_naive, rtol=1e-12, atol=1e-12)
+    assert routing.indices.tolist() == chosen
+    y2, _ = reference.proper_linear(**case, inplace=True)  # into base_out's memory
+    assert y2.data_ptr() == case["base_out"].data_ptr()
+    torch.testing.assert_close(y2, y_naive, rtol=1e-12, atol=1e-12)
+    # the dispatcher passes inplace on to the torch backend
+    case["base_out"] = before.clone()
+    y3 = proper_kernels.proper_linear(**case, inplace=True, backend="torch")
+    assert y3.data_ptr() == case["base_out"].data_ptr()
+    torch.testing.assert_close(y3, y_naive, rtol=1e-12, atol=1e-12)
+
+
+def test_inplace_gradients_equal_out_of_place_gradients():
+    case = make_case(11, 12, 6, 5, 4, 2, 3, 2, 4, ("token", "user", "lora"), per_sequence=True, seq_len=3)
+    W = torch.randn(5, 6, dtype=DT)
+    grads = []
+    for inplace in (False, True):
+        leaves = {n: case[n].clone().requires_grad_(True) for n in ("x", "lora_A", "lora_B", "router_x",
+                                                                      "router_user", "router_h", "user_A", "user_B")}
+        args = {**case, **leaves}
+        args["base_out"] = leaves["x"] @ W.t()  # a linear layer's output, as in ProperLinear
+        y, _ = reference.proper_linear(**args, inplace=inplace)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=DT).reshape(y.shape)).sum().backward()
+        grads.append({n: t.grad for n, t in leaves.items()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-12, atol=1e-12, msg=n)
