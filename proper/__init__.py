@@ -13,6 +13,7 @@ from .config import ProperConfig
 from .export import export_peft
 from .io import AdapterFileError, load_adapters, load_config, save_adapters
 from .layer import ProperLinear
+from .optim import LazyAdamW
 from .patching import (
     aux_losses,
     get_config,
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterFileError",
+    "LazyAdamW",
     "ProperConfig",
     "ProperLinear",
     "aux_losses",

@@ -23,6 +23,10 @@ class ProperConfig:
     share_user_router: one user-aware router table R for the whole model instead of one per
     layer, so that a user's group (argmax_e R[u, e]) is one expert index in every layer; the
     PROPER pipeline turns it on.
+    sparse_user_grad: the per-user tables (user bank, user-aware router) get sparse gradients
+    over the users in the batch, for banks of millions of users; train them with
+    ``proper.optim.LazyAdamW`` (the trainer does), which keeps optimizer state only for the
+    users it has seen. Torch backend only.
     """
 
     num_experts: int = 8
@@ -38,6 +42,7 @@ class ProperConfig:
     target_modules: Union[str, tuple[str, ...]] = ("gate_proj", "up_proj", "down_proj")
     backend: str = "auto"
     share_user_router: bool = False
+    sparse_user_grad: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.router, str):
@@ -74,8 +79,9 @@ class ProperConfig:
                 "ProperConfig.router has 'lora' (the LoRA-aware router), which needs the user bank: "
                 f"set num_users > 0 and user_rank > 0 (got num_users={self.num_users}, user_rank={self.user_rank})"
             )
-        if not isinstance(self.share_user_router, bool):
-            raise TypeError(f"ProperConfig.share_user_router must be a bool, got {self.share_user_router!r}")
+        for name in ("share_user_router", "sparse_user_grad"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"ProperConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"ProperConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
         targets = (self.target_modules,) if isinstance(self.target_modules, str) else self.target_modules

@@ -70,6 +70,7 @@ class ProperLinear(nn.Module):
         self.temperature = config.temperature
         self.dropout = config.dropout
         self.backend = config.backend
+        self.sparse_user_grad = config.sparse_user_grad
         self.last_backend: Optional[str] = None
         self._state = state if state is not None else UserState(config.num_users)
         self._routing: Optional[Routing] = None
@@ -156,6 +157,7 @@ class ProperLinear(nn.Module):
             check_user_ids=not checked,
             backend=self.backend,
             inplace=True,  # base_out is this call's own fresh tensor
+            sparse_user_grad=self.sparse_user_grad,
         )
         self.last_backend = proper_kernels.last_backend("proper_linear")
         self._routing = routing if (self.training and self.num_experts > 1) else None

@@ -24,7 +24,8 @@ from torch import Tensor
 
 from ._fs import atomic_write_text
 from .io import load_adapters, save_adapters
-from .patching import aux_losses, user_context
+from .optim import LazyAdamW
+from .patching import aux_losses, is_patched, proper_layers, user_context
 
 LATEST = "latest"
 
@@ -143,7 +144,9 @@ def train(
     groups = [{"params": others}] if others else []
     if routers:
         groups.append({"params": routers, "lr": cfg.lr * cfg.router_lr_scale})
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sparse = is_patched(model) and any(layer.sparse_user_grad for layer in proper_layers(model).values())
+    # sparse user-bank gradients: optimizer state only for the users seen (proper.optim)
+    opt = (LazyAdamW if sparse else torch.optim.AdamW)(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, losses = 0, []
     if ckpt_dir is not None:
         ckpt = latest_checkpoint(Path(ckpt_dir))

@@ -188,6 +188,7 @@ def proper_linear(
     check_user_ids: bool = True,
     backend: str = "auto",
     inplace: bool = False,
+    sparse_user_grad: bool = False,
 ) -> Union[Tensor, tuple[Tensor, Routing]]:
     """The fused ProperLinear pass added onto the base product (SPEC.md "One layer").
 
@@ -202,7 +203,9 @@ def proper_linear(
     backend add the adapters into base_out's memory (vLLM's ``add_inputs``) instead of a
     fresh tensor, saving a full pass over [T, out]: y may then alias base_out, whose content
     is undefined afterwards. Autograd is unaffected (base_out's producer must not need its
-    own output for backward, which holds for a linear layer).
+    own output for backward, which holds for a linear layer). ``sparse_user_grad=True`` gives
+    user_A, user_B and router_user sparse gradients over the rows in the batch (for a bank of
+    millions of users; pair it with ``proper.optim.LazyAdamW``); the torch backend only.
     """
     _checks.tensor("x", x)
     if x.dim() < 1:
@@ -257,6 +260,10 @@ def proper_linear(
     if checking:
         _checks.finite("x", x)
     name = select_backend(backend, x.device, x.dtype)
+    if sparse_user_grad and name != "torch":
+        if backend != "auto":
+            raise ValueError(f"sparse_user_grad=True needs backend='torch' (sparse bank gradients), got {backend!r}")
+        name = "torch"
     x_lora = F.dropout(x, dropout, training=True) if (training and dropout > 0) else x
     y, routing = _REGISTRY[name].proper_linear(
         x,
@@ -275,6 +282,7 @@ def proper_linear(
         user_scaling=float(user_scaling),
         x_lora=x_lora,
         **({"inplace": True} if inplace and name == "torch" else {}),
+        **({"sparse_grad": True} if sparse_user_grad else {}),
     )
     _record("proper_linear", name)
     if checking:

@@ -58,19 +58,41 @@ def _groups(user_ids: Tensor, lead_shape: torch.Size) -> tuple[int, Tensor]:
     return ids.shape[0], ids
 
 
-def _user_rows(user_ids: Tensor, lead_shape: torch.Size, bank: Tensor) -> tuple[int, Tensor, Tensor]:
+class _GatherRows(torch.autograd.Function):
+    """table[rows] whose gradient w.r.t. table is a sparse COO tensor (sparse over the first
+    dim, dense rows), so a bank of a million users never gets a dense gradient."""
+
+    @staticmethod
+    def forward(ctx, table: Tensor, rows: Tensor) -> Tensor:
+        ctx.save_for_backward(rows)
+        ctx.table_shape = table.shape
+        return table[rows]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (rows,) = ctx.saved_tensors
+        return torch.sparse_coo_tensor(rows[None], grad, ctx.table_shape, check_invariants=False).coalesce(), None
+
+
+def _take_rows(table: Tensor, rows: Tensor, sparse: bool) -> Tensor:
+    """table[rows] (rows 1-D); with ``sparse`` the gradient of `table` is sparse over `rows`."""
+    return _GatherRows.apply(table, rows) if sparse else table[rows]
+
+
+def _user_rows(user_ids: Tensor, lead_shape: torch.Size, bank: Tensor,
+               sparse: bool = False) -> tuple[int, Tensor, Tensor]:
     """(S, each group's bank matrix [S, m, n], has_row [S] as 0/1 in the bank's dtype).
 
     A user without a row (id -1) gathers row 0; callers zero that group's h_u = A x (a
     [T, r_u] product, much smaller than the gathered matrices), which also zeroes its B^u
     product and every gradient it would send to row 0."""
     S, ids = _groups(user_ids, lead_shape)
-    return S, bank[ids.clamp(min=0)], (ids >= 0).to(bank.dtype)
+    return S, _take_rows(bank, ids.clamp(min=0), sparse), (ids >= 0).to(bank.dtype)
 
 
-def user_shrink(x: Tensor, user_ids: Tensor, user_A: Tensor) -> Tensor:
+def user_shrink(x: Tensor, user_ids: Tensor, user_A: Tensor, sparse_grad: bool = False) -> Tensor:
     """h_u = A^u x for every token of x [..., in], zero where the id is -1. Returns [T, r_u]."""
-    S, A, has_row = _user_rows(user_ids, x.shape[:-1], user_A)
+    S, A, has_row = _user_rows(user_ids, x.shape[:-1], user_A, sparse_grad)
     h = torch.bmm(x.reshape(S, -1, x.shape[-1]), A.transpose(1, 2)) * has_row[:, None, None]
     return h.reshape(-1, user_A.shape[1])
 
@@ -90,6 +112,7 @@ def router_logits(
     router_h: Optional[Tensor] = None,
     user_ids: Optional[Tensor] = None,
     h_user: Optional[Tensor] = None,
+    sparse_grad: bool = False,
 ) -> Tensor:
     """logit = W_x x + R[u] + W_h h_u, each term optional. x [..., in]; returns [T, E].
 
@@ -107,7 +130,7 @@ def router_logits(
         else:
             ids = _per_token_ids(user_ids, lead)
             rows = torch.where(ids >= 0, ids, torch.full_like(ids, default_row))
-        logits = logits + router_user[rows]
+        logits = logits + _take_rows(router_user, rows, sparse_grad)
     if router_h is not None and h_user is not None:
         logits = logits + h_user @ router_h.t()
     return logits
@@ -131,6 +154,7 @@ def proper_linear(
     user_scaling: float = 0.0,
     x_lora: Optional[Tensor] = None,
     inplace: bool = False,
+    sparse_grad: bool = False,
 ) -> tuple[Tensor, Routing]:
     """y = base_out + s_g * sum_e g_te B_e A_e x_lora + s_u * B^u A^u x_lora.
 
@@ -141,7 +165,8 @@ def proper_linear(
     in base_out's memory (where base_out's layout allows) instead of a new tensor.
 
     One expert, top-1 and no router term (a plain LoRA beside the user bank) skips the
-    router: every gate is exactly 1 then. ``scaling == 0`` (alpha = 0: the group level off, a
+    router: every gate is exactly 1 then. ``sparse_grad``: the per-user tables (user_A,
+    user_B, router_user) get sparse gradients over the rows in the batch. ``scaling == 0`` (alpha = 0: the group level off, a
     user bank alone) skips the expert products: their term is zero, and lora_A/lora_B get no
     gradient (None rather than zeros).
     """
@@ -153,7 +178,7 @@ def proper_linear(
     T = xt.shape[0]
 
     has_user = user_A is not None and user_ids is not None and user_A.shape[1] > 0
-    h_user = user_shrink(x_lora, user_ids, user_A) if has_user else None
+    h_user = user_shrink(x_lora, user_ids, user_A, sparse_grad) if has_user else None
 
     no_router = router_x is None and router_user is None and (router_h is None or h_user is None)
     if E == 1 and no_router:
@@ -169,6 +194,7 @@ def proper_linear(
             router_h=router_h,
             user_ids=user_ids,
             h_user=h_user,
+            sparse_grad=sparse_grad,
         )
         gates, indices = router_topk(logits, top_k, temperature)
         # Dense gate matrix [T, E]: zero for experts outside a token's top k.
@@ -185,7 +211,7 @@ def proper_linear(
     elif not inplace:
         y = y.clone()
     if has_user:
-        S, Bu, _ = _user_rows(user_ids, x.shape[:-1], user_B)  # h_u is zero for id -1
+        S, Bu, _ = _user_rows(user_ids, x.shape[:-1], user_B, sparse_grad)  # h_u is zero for id -1
         hu, y3 = h_user.reshape(S, -1, h_user.shape[1]), y.reshape(S, -1, d_out)
         # After addmm y is a fresh tensor (or base_out's own memory): accumulating into it is safe.
         y = y3.baddbmm_(hu, Bu.transpose(1, 2), alpha=user_scaling)
