@@ -63,11 +63,25 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _init_distributed() -> None:
+    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs, gloo otherwise."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
 def cmd_train(args) -> int:
     from .data import special_token_ids
     from .pipeline import batch_sampler, encode_split
     from .stages import run_stage
 
+    _init_distributed()
     out = Path(args.out)
     build, tokenizer = _model_loader(args.model)
     split, users = _data(args, out)

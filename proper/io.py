@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -72,15 +72,22 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 def save_adapters(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
     """Write the adapters of a patched model to directory `path` (created if needed)."""
-    config = _patch_of(model).config
-    tensors = {k: v.detach().cpu().contiguous() for k, v in adapter_state_dict(model).items()}
+    return write_adapters(_patch_of(model).config, adapter_state_dict(model), path)
+
+
+def write_adapters(config: ProperConfig, tensors: dict[str, Tensor], path: Union[str, os.PathLike],
+                   extra_metadata: Optional[dict[str, str]] = None) -> Path:
+    """Write adapter tensors (checkpoint names) with their config to directory `path`,
+    atomically, with the checksum; what ``save_adapters`` writes for a model."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     for name, t in tensors.items():
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"refusing to save: adapter tensor {name!r} contains NaN or Inf")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config_json = config.to_json()
-    metadata = {"format": FORMAT, "config": config_json, "sha256": _digest(tensors, config_json)}
+    metadata = {**(extra_metadata or {}), "format": FORMAT, "config": config_json,
+                "sha256": _digest(tensors, config_json)}
     atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     atomic_write_text(path / CONFIG_NAME, config_json + "\n")
     return path

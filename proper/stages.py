@@ -35,6 +35,7 @@ from torch import Tensor
 
 from .config import ProperConfig
 from .io import SHARED_ROUTER_KEY, _read, load_adapters, save_adapters
+from . import distributed
 from .data import Encoded, pad_encoded
 from .patching import merge, patch_model, proper_layers, user_context
 from .plots import plot_losses, plot_routing
@@ -294,8 +295,20 @@ def run_stage(build_base: Callable[[], nn.Module], batch_at: Callable[[int], dic
         model = build_stage_model(build_base, out, cfg, stage)
     losses = train(model, batch_at, tcfg, ckpt_dir, trainable=_trainable(stage), on_step=on_step,
                    desc=f"stage {stage}")
-    plot_losses(losses, stage_dir(out, stage) / "loss.png", f"stage {stage} loss")
-    if stage >= 2:
-        plot_routing(model, stage_dir(out, stage) / "routing.png")
-    save_adapters(model, stage_dir(out, stage) / "final")
+    rank, world_size = distributed.world()
+    final = stage_dir(out, stage) / "final"
+    if world_size > 1:  # torchrun: every rank writes its shard, rank 0 merges them
+        shards = [stage_dir(out, stage) / "shards" / f"rank-{r}-of-{world_size}" for r in range(world_size)]
+        distributed.save_shard(model, shards[rank], rank, world_size)
+        torch.distributed.barrier()
+        if rank == 0:
+            distributed.merge_shards(shards, final)
+    if rank == 0:
+        plot_losses(losses, stage_dir(out, stage) / "loss.png", f"stage {stage} loss")
+        if stage >= 2:
+            plot_routing(model, stage_dir(out, stage) / "routing.png")  # shared router: the same on every rank
+        if world_size == 1:
+            save_adapters(model, final)
+    if world_size > 1:
+        torch.distributed.barrier()
     return losses

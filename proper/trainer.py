@@ -22,6 +22,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from . import distributed
 from ._fs import atomic_write_text
 from .io import load_adapters, save_adapters
 from .optim import LazyAdamW
@@ -147,6 +148,12 @@ def train(
     sparse = is_patched(model) and any(layer.sparse_user_grad for layer in proper_layers(model).values())
     # sparse user-bank gradients: optimizer state only for the users seen (proper.optim)
     opt = (LazyAdamW if sparse else torch.optim.AdamW)(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rank, world_size = distributed.world()
+    forward = model
+    if world_size > 1:  # torchrun: the bank sharded by user, DDP over the rest (proper.distributed)
+        forward = distributed.wrap(model)
+        if ckpt_dir is not None:
+            ckpt_dir = Path(ckpt_dir) / f"rank-{rank}-of-{world_size}"
     start, losses = 0, []
     if ckpt_dir is not None:
         ckpt = latest_checkpoint(Path(ckpt_dir))
@@ -163,10 +170,19 @@ def train(
                total=cfg.steps)
     for step in bar:
         batch = dict(batch_at(step))
-        users = batch.pop("user_rows")
-        with user_context(model, users):
-            out = model(**batch)
-        loss = out.loss
+        if world_size > 1:
+            batch, n_global = distributed.local_batch(batch, rank, world_size)
+            users, labels = batch.pop("user_rows"), batch.pop("labels")
+            with user_context(model, users):
+                logits = forward(**batch).logits
+            loss = distributed.token_nll_sum(logits, labels) / n_global
+            shown = loss.detach().clone()
+            torch.distributed.all_reduce(shown)  # the global mean, for the log
+        else:
+            users = batch.pop("user_rows")
+            with user_context(model, users):
+                out = model(**batch)
+            loss = shown = out.loss
         if cfg.load_balance or cfg.distinctness:
             aux = aux_losses(model)
             loss = loss + cfg.load_balance * aux["load_balance"] + cfg.distinctness * aux["distinctness"]
@@ -175,7 +191,7 @@ def train(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(out.loss.item())
+        losses.append(shown.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if on_step is not None:
             on_step(step, losses[-1])

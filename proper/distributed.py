@@ -1,0 +1,174 @@
+"""Training on several processes (torchrun / accelerate) with a user-sharded bank.
+
+Each rank owns the users ``row % world == rank``: a batch is drawn the same on every rank
+(``batch_at(step)``), and each rank keeps the sequences of the users it owns (a sequence
+without a user, row -1, goes to rank ``index % world``). The group experts and routers are
+synchronised by ``torch.nn.parallel.DistributedDataParallel`` (gradients summed); the user
+bank is left out of DDP, so its rows are never all-reduced and a row's gradient exists on
+its owner alone. Each rank's loss is its sum of token losses over the number of label tokens
+of the whole global batch, so the summed gradients are those of one process training on
+the global batch. ``proper.trainer.train`` does all this when a process group is set up
+(``torchrun --nproc_per_node N``), with one checkpoint directory per rank.
+
+Checkpoints are shards: rank r writes the shared tensors and the bank rows it owns
+(``save_shard``); ``merge_shards`` rebuilds the full adapters (loadable by one process with
+``load_adapters``) and ``split_adapters`` cuts full adapters into shards for another world
+size.
+
+Auxiliary losses (load balance, distinctness) are computed per rank on its own tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch import Tensor
+
+from .io import _read, adapter_state_dict, write_adapters
+from .patching import _patch_of
+
+BANK = ("user_A", "user_B")
+SHARD_META = "proper_shard"
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, or (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def owners(user_rows: Tensor, world_size: int) -> Tensor:
+    """The rank owning each sequence: its user's row mod the world size (row -1: its index)."""
+    index = torch.arange(user_rows.shape[0], device=user_rows.device)
+    return torch.where(user_rows >= 0, user_rows, index) % world_size
+
+
+def n_label_tokens(labels: Tensor) -> int:
+    """Tokens a causal LM is scored on: labels shifted by one, -100 left out."""
+    return int((labels[:, 1:] != -100).sum())
+
+
+def local_batch(batch: dict, rank: int, world_size: int) -> tuple[dict, int]:
+    """This rank's sequences of a global batch (with "user_rows") and the global number of
+    label tokens. A rank that owns none of them gets one sequence without a user and with
+    no label token, so that it still runs the forward and backward DDP expects of it."""
+    n_global = n_label_tokens(batch["labels"])
+    if n_global == 0:
+        raise ValueError("the global batch has no label token")
+    keep = owners(batch["user_rows"], world_size) == rank
+    if not bool(keep.any()):
+        dummy = {k: v[:1].clone() for k, v in batch.items()}
+        dummy["labels"].fill_(-100)
+        dummy["user_rows"].fill_(-1)
+        return dummy, n_global
+    return {k: v[keep] for k, v in batch.items()}, n_global
+
+
+def token_nll_sum(logits: Tensor, labels: Tensor) -> Tensor:
+    """Summed next-token NLL over the label tokens (what a causal LM's loss averages)."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                             labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+
+
+def bank_parameter_names(model: nn.Module) -> list[str]:
+    return [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] in BANK]
+
+
+def _sum_hook(state, bucket):
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
+
+
+def wrap(model: nn.Module) -> nn.Module:
+    """DistributedDataParallel over everything but the user bank, gradients summed."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    DDP._set_params_and_buffers_to_ignore_for_model(model, bank_parameter_names(model))
+    ddp = DDP(model, find_unused_parameters=False)
+    ddp.register_comm_hook(None, _sum_hook)
+    return ddp
+
+
+# -- sharded checkpoints ----------------------------------------------------------------------
+
+
+def _owned(num_rows: int, rank: int, world_size: int) -> Tensor:
+    return torch.arange(rank, num_rows, world_size)
+
+
+def _is_bank(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in BANK
+
+
+def save_shard(model: nn.Module, path: Union[str, os.PathLike], rank: int, world_size: int) -> Path:
+    """Rank `rank`'s shard: the shared adapter tensors and the bank rows it owns."""
+    config = _patch_of(model).config
+    tensors = {}
+    for key, t in adapter_state_dict(model).items():
+        tensors[key] = t[_owned(t.shape[0], rank, world_size)] if _is_bank(key) else t
+    meta = {SHARD_META: json.dumps({"rank": rank, "world": world_size})}
+    return write_adapters(config, tensors, path, meta)
+
+
+def _shard_info(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(Path(path) / "adapter_model.safetensors"), "pt") as f:
+        meta = f.metadata() or {}
+    if SHARD_META not in meta:
+        raise ValueError(f"{path} is not a shard written by proper.distributed.save_shard")
+    return json.loads(meta[SHARD_META])
+
+
+def merge_shards(shards: Sequence[Union[str, os.PathLike]], out: Union[str, os.PathLike]) -> Path:
+    """Full adapters (as ``save_adapters`` writes them) from the shards of every rank."""
+    infos = [_shard_info(Path(p)) for p in shards]
+    world_size = infos[0]["world"]
+    if sorted(i["rank"] for i in infos) != list(range(world_size)) or any(i["world"] != world_size for i in infos):
+        raise ValueError(f"shards must be ranks 0..{world_size - 1} of one world, got {infos}")
+    read = {i["rank"]: _read(Path(p)) for i, p in zip(infos, shards)}
+    config, first = read[0]
+    full = {}
+    for key, t in first.items():
+        if not _is_bank(key):
+            full[key] = t
+            continue
+        rows = config.num_users
+        whole = t.new_zeros((rows,) + tuple(t.shape[1:]))
+        for r, (_, tensors) in read.items():
+            whole[_owned(rows, r, world_size)] = tensors[key]
+        full[key] = whole
+    return write_adapters(config, full, out)
+
+
+def split_adapters(path: Union[str, os.PathLike], out_dir: Union[str, os.PathLike], world_size: int) -> list[Path]:
+    """Cut full adapters into `world_size` shards (``out_dir/rank-<r>``)."""
+    config, tensors = _read(Path(path))
+    outs = []
+    for r in range(world_size):
+        part = {k: (t[_owned(t.shape[0], r, world_size)] if _is_bank(k) else t) for k, t in tensors.items()}
+        meta = {SHARD_META: json.dumps({"rank": r, "world": world_size})}
+        outs.append(write_adapters(config, part, Path(out_dir) / f"rank-{r}", meta))
+    return outs
+
+
+def load_shard(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
+    """Copy a shard into a patched model: the shared tensors and the owned bank rows."""
+    info = _shard_info(Path(path))
+    config, tensors = _read(Path(path))
+    params = adapter_state_dict(model)
+    if set(params) != set(tensors):
+        raise ValueError(f"{path} does not fit the model's adapters")
+    with torch.no_grad():
+        for key, p in params.items():
+            if _is_bank(key):
+                p[_owned(p.shape[0], info["rank"], info["world"])] = tensors[key].to(p.dtype)
+            else:
+                p.copy_(tensors[key])
+    return model

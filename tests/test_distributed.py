@@ -1,0 +1,120 @@
+"""Two processes (torchrun, gloo, CPU) train the same adapters as one process: the bank is
+sharded by user, DDP synchronises the rest; sharded checkpoints reshard exactly."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import LLAMA, NUM_USERS, VOCAB, full_config
+
+import proper
+from proper.distributed import load_shard, local_batch, merge_shards, owners, split_adapters
+from proper.io import adapter_state_dict
+from proper.trainer import TrainConfig, train
+
+TESTS = Path(__file__).resolve().parent
+# lr 1e-3: Adam divides each gradient by its own size, so an element whose gradient is a
+# cancellation near zero turns fp32 summation-order noise (one process vs two) into a step
+# of up to lr; at 1e-3 that stays well inside the 1e-5 the adapters must agree to.
+CFG = dict(steps=4, lr=1e-3, save_every=2, progress=False, load_balance=0.0, distinctness=0.0)
+
+
+def batch_at(step):
+    g = torch.Generator().manual_seed(3000 + step)
+    ids = torch.randint(0, VOCAB, (8, 7), generator=g)
+    return {"input_ids": ids, "labels": ids, "user_rows": torch.randint(-1, NUM_USERS, (8,), generator=g)}
+
+
+WORKER = textwrap.dedent("""
+    import json, sys, torch, torch.distributed as dist
+    sys.path.insert(0, {tests!r})
+    from conftest import LLAMA, full_config
+    import proper
+    from proper.distributed import save_shard, owners
+    from proper.trainer import TrainConfig, train
+    from test_distributed import batch_at, CFG
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = sys.argv[1]
+    torch.manual_seed(0)
+    model = proper.patch_model(LLAMA.build(), full_config(LLAMA.targets))
+    start = {{k: v.detach().clone() for k, v in proper.io.adapter_state_dict(model).items()}}
+    losses = train(model, batch_at, TrainConfig(**CFG), out + "/ckpt")
+    save_shard(model, f"{{out}}/rank-{{rank}}", rank, world)
+    # which bank rows changed on this rank
+    changed = {{}}
+    for k, v in proper.io.adapter_state_dict(model).items():
+        if k.endswith(("user_A", "user_B")):
+            changed[k] = [u for u in range(v.shape[0]) if not torch.equal(v[u], start[k][u])]
+    json.dump({{"rank": rank, "losses": losses, "changed": changed}}, open(f"{{out}}/rank-{{rank}}.json", "w"))
+    dist.destroy_process_group()
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_local_batches_partition_the_global_batch():
+    b = batch_at(0)
+    parts = [local_batch(b, r, 2) for r in range(2)]
+    assert sum(p["input_ids"].shape[0] for p, _ in parts) == 8
+    for r, (p, n) in enumerate(parts):
+        assert n == int((b["labels"][:, 1:] != -100).sum())
+        assert bool((owners(p["user_rows"], 2) == r).all()) or p["user_rows"].tolist() == [-1]
+    # a rank without any of the batch's users gets one unscored sequence
+    only0 = {**b, "user_rows": torch.zeros(8, dtype=torch.long)}
+    p, _ = local_batch(only0, 1, 2)
+    assert p["user_rows"].tolist() == [-1] and bool((p["labels"] == -100).all())
+
+
+@pytest.mark.slow
+def test_two_ranks_train_the_same_adapters_as_one_and_reshard_exactly(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(tests=str(TESTS)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script),
+                          str(tmp_path)], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+
+    torch.manual_seed(0)
+    one = proper.patch_model(LLAMA.build(), full_config(LLAMA.targets))
+    losses = train(one, batch_at, TrainConfig(**CFG), tmp_path / "one")
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
+    for r in ranks:
+        assert r["losses"] == pytest.approx(losses, rel=1e-5)
+        for key, users in r["changed"].items():  # a bank row moves on its owner only
+            assert all(u % 2 == r["rank"] for u in users), (r["rank"], key, users)
+    assert any(r["changed"][k] for r in ranks for k in r["changed"])
+
+    merged = merge_shards([tmp_path / "rank-0", tmp_path / "rank-1"], tmp_path / "merged")
+    back = proper.load_adapters(LLAMA.build(), merged)
+    want = adapter_state_dict(one)
+    got = adapter_state_dict(back)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5, msg=lambda m: f"{k}: {m}")  # to 1e-5, fp32
+
+    # 2 ranks -> 1 -> 2 again: the same outputs for every user, exactly
+    shards = split_adapters(merged, tmp_path / "again", 2)
+    ids = torch.randint(0, VOCAB, (NUM_USERS + 1, 6), generator=torch.Generator().manual_seed(5))
+    users = list(range(NUM_USERS)) + [-1]
+    with torch.no_grad(), proper.user_context(back, users):
+        ref = back(input_ids=ids).logits
+    for r, shard in enumerate(shards):
+        model = load_shard(proper.patch_model(LLAMA.build(), full_config(LLAMA.targets)), shard)
+        with torch.no_grad(), proper.user_context(model, users):
+            out = model(input_ids=ids).logits
+        mine = [i for i, u in enumerate(users) if u >= 0 and u % 2 == r]
+        assert torch.equal(out[mine], ref[mine])
+    remerged = merge_shards(shards, tmp_path / "remerged")
+    a, b = proper.io._read(Path(merged))[1], proper.io._read(Path(remerged))[1]
+    assert all(torch.equal(a[k], b[k]) for k in a)
