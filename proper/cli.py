@@ -23,12 +23,18 @@ from typing import Optional, Sequence
 
 
 def _model_loader(path: str):
+    import os
+
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
 
     def build():
-        return AutoModelForCausalLM.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path)
+        if torch.cuda.is_available():  # one GPU per process (torchrun sets LOCAL_RANK)
+            model = model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+        return model
 
     return build, tokenizer
 

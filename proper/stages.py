@@ -285,7 +285,9 @@ def run_stage(build_base: Callable[[], nn.Module], batch_at: Callable[[int], dic
                              "training split) and pad_id=, or set PipelineConfig.group_assign_every=0")
         if not records:
             raise ValueError("records is empty: stage 2 has no training record to assign users by")
-        records = recent_records(records, cfg.group_assign_records)
+        records = recent_records([r for r in records if r.user_row >= 0], cfg.group_assign_records)
+        if not records:
+            raise ValueError("records holds no record of a known user: stage 2 cannot assign users to groups")
         if latest_checkpoint(ckpt_dir) is None:
             model = _stage2_start(build_base, batch_at, out, cfg, tcfg, records, pad_id)
         else:  # resuming: the checkpoint holds the assignment

@@ -168,8 +168,9 @@ def train(
     # disable=None: bars on a terminal only, not in logs and CI output
     bar = tqdm(range(start, cfg.steps), desc=desc, disable=None if cfg.progress else True, initial=start,
                total=cfg.steps)
+    device = next(model.parameters()).device
     for step in bar:
-        batch = dict(batch_at(step))
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch_at(step).items()}
         if world_size > 1:
             batch, n_global = distributed.local_batch(batch, rank, world_size)
             users, labels = batch.pop("user_rows"), batch.pop("labels")

@@ -165,10 +165,10 @@ def proper_linear(
     in base_out's memory (where base_out's layout allows) instead of a new tensor.
 
     One expert, top-1 and no router term (a plain LoRA beside the user bank) skips the
-    router: every gate is exactly 1 then. ``sparse_grad``: the per-user tables (user_A,
-    user_B, router_user) get sparse gradients over the rows in the batch. ``scaling == 0`` (alpha = 0: the group level off, a
-    user bank alone) skips the expert products: their term is zero, and lora_A/lora_B get no
-    gradient (None rather than zeros).
+    router: every gate is exactly 1 then. ``scaling == 0`` (alpha = 0: the group level off,
+    a user bank alone) skips the expert products: their term is zero, and lora_A/lora_B get
+    no gradient (None rather than zeros). ``sparse_grad``: the per-user tables (user_A,
+    user_B, router_user) get sparse gradients over the rows in the batch.
     """
     if x_lora is None:
         x_lora = x
