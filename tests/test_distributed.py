@@ -118,3 +118,54 @@ def test_two_ranks_train_the_same_adapters_as_one_and_reshard_exactly(tmp_path):
     remerged = merge_shards(shards, tmp_path / "remerged")
     a, b = proper.io._read(Path(merged))[1], proper.io._read(Path(remerged))[1]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+STAGES_WORKER = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    sys.path.insert(0, {tests!r})
+    from conftest import LLAMA
+    from proper.stages import run_stage
+    from test_distributed import batch_at, stage_config, stage_records
+    dist.init_process_group("gloo")
+    for stage in (1, 2, 3):
+        torch.manual_seed(stage)
+        run_stage(LLAMA.build, batch_at, sys.argv[1], stage_config(), stage, records=stage_records(), pad_id=0)
+    dist.destroy_process_group()
+""")
+
+
+def stage_config():
+    from proper.stages import PipelineConfig
+
+    tc = TrainConfig(**{**CFG, "steps": 3})
+    return PipelineConfig(num_users=NUM_USERS, target_modules=LLAMA.targets, num_experts=3, top_k=2, rank=4,
+                          user_rank=2, train={1: tc, 2: tc, 3: tc}, group_assign_every=2)
+
+
+def stage_records():
+    from proper.data import Encoded
+
+    g = torch.Generator().manual_seed(9)
+    return [Encoded(tuple(torch.randint(4, VOCAB, (3,), generator=g).tolist()),
+                    tuple(torch.randint(4, VOCAB, (3,), generator=g).tolist()), u % NUM_USERS) for u in range(12)]
+
+
+@pytest.mark.slow
+def test_run_stage_under_torchrun_writes_merged_finals_like_one_process(tmp_path):
+    from proper.stages import load_stage, run_stage, stage_dir
+
+    script = tmp_path / "stages.py"
+    script.write_text(STAGES_WORKER.format(tests=str(TESTS)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script),
+                          str(tmp_path / "two")], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    for stage in (1, 2, 3):
+        torch.manual_seed(stage)
+        run_stage(LLAMA.build, batch_at, tmp_path / "one", stage_config(), stage, records=stage_records(), pad_id=0)
+        assert (stage_dir(tmp_path / "two", stage) / "loss.png").is_file()
+        two = adapter_state_dict(load_stage(LLAMA.build, tmp_path / "two", stage))
+        one = adapter_state_dict(load_stage(LLAMA.build, tmp_path / "one", stage))
+        for k in one:
+            torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-5, msg=lambda m: f"stage {stage} {k}: {m}")
