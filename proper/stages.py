@@ -67,7 +67,7 @@ class PipelineConfig:
     group_assign_strength: float = 3.0  # R[u] = strength * one_hot(expert) after an assignment
     group_assign_records: int = 16  # the most recent records per user an assignment looks at
     group_restarts: int = 1  # random starts of the assignment tried, the lowest loss kept
-    group_restart_steps: int = 100  # training steps given to each start
+    group_restart_steps: int = 200  # training steps given to each start
     train: dict[int, TrainConfig] = field(default_factory=lambda: {s: TrainConfig() for s in STAGES})
 
     def __post_init__(self) -> None:
