@@ -52,7 +52,6 @@ import gc
 import json
 import math
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -68,7 +67,8 @@ from torch import Tensor
 
 import proper
 import proper_kernels
-from proper.bench import OpCase
+from proper.bench import OpCase, _fmt, device_name
+from proper.bench import versions as suite_versions
 from proper.layer import ProperLinear
 
 SCHEMA = "proper.bench_op/1"
@@ -574,31 +574,12 @@ def copy_bandwidth(device: torch.device) -> dict:
 # -- environment ------------------------------------------------------------------------------
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name or platform.machine() or 'CPU'} ({torch.get_num_threads()} threads)"
-
-
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "device"
 
 
 def versions() -> dict:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
+    """``proper bench``'s versions plus the git commit of this checkout."""
     try:
         root = Path(__file__).resolve().parents[1]
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -607,19 +588,10 @@ def versions() -> dict:
                                     capture_output=True, text=True, timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
-    return {
-        "python": platform.python_version(), "torch": torch.__version__, "triton": triton_version,
-        "proper": proper.__version__, "cuda": torch.version.cuda,
-        "cuda_extension": proper_kernels.cuda_extension_error() or "loaded",
-        "git_commit": commit, "git_dirty": dirty,
-    }
+    return {**suite_versions(), "git_commit": commit, "git_dirty": dirty}
 
 
 # -- report -----------------------------------------------------------------------------------
-
-
-def _fmt(v: Optional[float], spec: str = ".3f") -> str:
-    return "-" if v is None else format(v, spec)
 
 
 def markdown(header: dict, rows: list[dict]) -> str:

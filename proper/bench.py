@@ -70,13 +70,13 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
+    name = platform.processor()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 name = line.split(":", 1)[1].strip()
                 break
-    return f"{name} ({torch.get_num_threads()} threads)"
+    return f"{name or platform.machine() or 'CPU'} ({torch.get_num_threads()} threads)"
 
 
 def versions() -> dict:
@@ -94,11 +94,6 @@ def versions() -> dict:
         except ImportError:
             out[mod] = None
     return out
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @dataclass
@@ -645,7 +640,7 @@ def run_block(device, dtype, dtype_name: str, quick: bool, rounds: int, log) -> 
 # -- report ---------------------------------------------------------------------------------------
 
 
-def _fmt(v, spec=".3f") -> str:
+def _fmt(v: Optional[float], spec: str = ".3f") -> str:
     return "-" if v is None else format(v, spec)
 
 
