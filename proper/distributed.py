@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-from .io import _read, adapter_state_dict, write_adapters
+from .io import WEIGHTS_NAME, _read, adapter_state_dict, write_adapters
 from .patching import _patch_of
 
 BANK = ("user_A", "user_B")
@@ -71,10 +71,15 @@ def local_batch(batch: dict, rank: int, world_size: int) -> tuple[dict, int]:
     return {k: v[keep] for k, v in batch.items()}, n_global
 
 
+def sequence_nll(logits: Tensor, labels: Tensor) -> Tensor:
+    """[B]: each sequence's summed next-token NLL over its label tokens (-100 left out)."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:],
+                                             ignore_index=-100, reduction="none").sum(1)
+
+
 def token_nll_sum(logits: Tensor, labels: Tensor) -> Tensor:
     """Summed next-token NLL over the label tokens (what a causal LM's loss averages)."""
-    return torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                             labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+    return sequence_nll(logits, labels).sum()
 
 
 def bank_parameter_names(model: nn.Module) -> list[str]:
@@ -106,20 +111,21 @@ def _is_bank(key: str) -> bool:
     return key.rsplit(".", 1)[-1] in BANK
 
 
+def _write_shard(config, tensors: dict[str, Tensor], path: Union[str, os.PathLike], rank: int,
+                 world_size: int) -> Path:
+    part = {k: (t[_owned(t.shape[0], rank, world_size)] if _is_bank(k) else t) for k, t in tensors.items()}
+    return write_adapters(config, part, path, {SHARD_META: json.dumps({"rank": rank, "world": world_size})})
+
+
 def save_shard(model: nn.Module, path: Union[str, os.PathLike], rank: int, world_size: int) -> Path:
     """Rank `rank`'s shard: the shared adapter tensors and the bank rows it owns."""
-    config = _patch_of(model).config
-    tensors = {}
-    for key, t in adapter_state_dict(model).items():
-        tensors[key] = t[_owned(t.shape[0], rank, world_size)] if _is_bank(key) else t
-    meta = {SHARD_META: json.dumps({"rank": rank, "world": world_size})}
-    return write_adapters(config, tensors, path, meta)
+    return _write_shard(_patch_of(model).config, adapter_state_dict(model), path, rank, world_size)
 
 
 def _shard_info(path: Path) -> dict:
     from safetensors import safe_open
 
-    with safe_open(str(Path(path) / "adapter_model.safetensors"), "pt") as f:
+    with safe_open(str(Path(path) / WEIGHTS_NAME), "pt") as f:
         meta = f.metadata() or {}
     if SHARD_META not in meta:
         raise ValueError(f"{path} is not a shard written by proper.distributed.save_shard")
@@ -150,12 +156,7 @@ def merge_shards(shards: Sequence[Union[str, os.PathLike]], out: Union[str, os.P
 def split_adapters(path: Union[str, os.PathLike], out_dir: Union[str, os.PathLike], world_size: int) -> list[Path]:
     """Cut full adapters into `world_size` shards (``out_dir/rank-<r>``)."""
     config, tensors = _read(Path(path))
-    outs = []
-    for r in range(world_size):
-        part = {k: (t[_owned(t.shape[0], r, world_size)] if _is_bank(k) else t) for k, t in tensors.items()}
-        meta = {SHARD_META: json.dumps({"rank": r, "world": world_size})}
-        outs.append(write_adapters(config, part, Path(out_dir) / f"rank-{r}", meta))
-    return outs
+    return [_write_shard(config, tensors, Path(out_dir) / f"rank-{r}", r, world_size) for r in range(world_size)]
 
 
 def load_shard(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:

@@ -30,7 +30,6 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from .config import ProperConfig
@@ -161,6 +160,11 @@ def recent_records(records: Sequence[Encoded], per_user: int) -> list[Encoded]:
     return [r for u in sorted(by_user) for r in by_user[u][-per_user:]]
 
 
+def _record_rows(records: Sequence[Encoded]) -> Tensor:
+    """The bank rows of the users that have records, sorted."""
+    return torch.tensor(sorted({r.user_row for r in records}), dtype=torch.long)
+
+
 def _user_routers(model: nn.Module) -> list[Tensor]:
     tables = {id(layer.router_user): layer.router_user for layer in proper_layers(model).values()
               if layer.router_user is not None}
@@ -190,8 +194,7 @@ def expert_losses(model: nn.Module, records: Sequence[Encoded], pad_id: int, bat
                 device = tables[0].device
                 with user_context(model, rows.to(device)):
                     logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
-                nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:].to(device),
-                                      ignore_index=-100, reduction="none").sum(1)
+                nll = distributed.sequence_nll(logits, labels.to(device))
                 out[:, e].index_add_(0, rows, nll.double().cpu())
     finally:
         for t, s in zip(tables, saved):
@@ -212,7 +215,7 @@ def assign_groups(model: nn.Module, records: Sequence[Encoded], pad_id: int, str
     """One hard assignment step: route every user with records to the expert under which those
     records are most likely. Returns (expert per user, -1 without records; the total NLL)."""
     losses = expert_losses(model, records, pad_id)
-    rows = torch.tensor(sorted({r.user_row for r in records}), dtype=torch.long)
+    rows = _record_rows(records)
     best = losses[rows].min(-1)
     set_assignment(model, rows, best.indices, strength)
     experts = torch.full((losses.shape[0],), -1, dtype=torch.long)
@@ -221,7 +224,7 @@ def assign_groups(model: nn.Module, records: Sequence[Encoded], pad_id: int, str
 
 
 def _random_assignment(model: nn.Module, records: Sequence[Encoded], seed: int, strength: float) -> None:
-    rows = torch.tensor(sorted({r.user_row for r in records}), dtype=torch.long)
+    rows = _record_rows(records)
     E = _user_routers(model)[0].shape[1]
     g = torch.Generator().manual_seed(seed)
     set_assignment(model, rows, torch.randint(0, E, (len(rows),), generator=g), strength)
