@@ -63,6 +63,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun(tmp_path, worker: str, name: str, out) -> None:
+    """Run `worker` (a template filled with the tests directory) on 2 gloo ranks, writing to `out`."""
+    script = tmp_path / name
+    script.write_text(worker.format(tests=str(TESTS)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), str(out)],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+
+
 def test_local_batches_partition_the_global_batch():
     b = batch_at(0)
     parts = [local_batch(b, r, 2) for r in range(2)]
@@ -78,13 +89,7 @@ def test_local_batches_partition_the_global_batch():
 
 @pytest.mark.slow
 def test_two_ranks_train_the_same_adapters_as_one_and_reshard_exactly(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(tests=str(TESTS)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script),
-                          str(tmp_path)], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    torchrun(tmp_path, WORKER, "worker.py", tmp_path)
 
     torch.manual_seed(0)
     one = proper.patch_model(LLAMA.build(), full_config(LLAMA.targets))
@@ -154,13 +159,7 @@ def stage_records():
 def test_run_stage_under_torchrun_writes_merged_finals_like_one_process(tmp_path):
     from proper.stages import load_stage, run_stage, stage_dir
 
-    script = tmp_path / "stages.py"
-    script.write_text(STAGES_WORKER.format(tests=str(TESTS)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script),
-                          str(tmp_path / "two")], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    torchrun(tmp_path, STAGES_WORKER, "stages.py", tmp_path / "two")
     for stage in (1, 2, 3):
         torch.manual_seed(stage)
         run_stage(LLAMA.build, batch_at, tmp_path / "one", stage_config(), stage, records=stage_records(), pad_id=0)
