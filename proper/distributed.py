@@ -2,10 +2,11 @@
 
 Each rank owns the users ``row % world == rank``: a batch is drawn the same on every rank
 (``batch_at(step)``), and each rank keeps the sequences of the users it owns (a sequence
-without a user, row -1, goes to rank ``index % world``). The group experts and routers are
-synchronised by ``torch.nn.parallel.DistributedDataParallel`` (gradients summed); the user
-bank is left out of DDP, so its rows are never all-reduced and a row's gradient exists on
-its owner alone. Each rank's loss is its sum of token losses over the number of label tokens
+without a user, row -1, goes to rank ``index % world``), and holds only their rows of the
+user bank (``patch_model(..., shard=(rank, world))`` allocates just those; ``shard_bank``
+cuts a whole bank down to them). The group experts and routers are synchronised by
+``torch.nn.parallel.DistributedDataParallel`` (gradients summed); the bank is left out of
+DDP, so its rows are never all-reduced. Each rank's loss is its sum of token losses over the number of label tokens
 of the whole global batch, so the summed gradients are those of one process training on
 the global batch. ``proper.trainer.train`` does all this when a process group is set up
 (``torchrun --nproc_per_node N``), with one checkpoint directory per rank.
@@ -23,17 +24,17 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-from .io import WEIGHTS_NAME, _read, adapter_state_dict, write_adapters
-from .patching import _patch_of
+from .io import WEIGHTS_NAME, _read, adapter_state_dict, is_bank_key, write_adapters
+from .layer import owned_rows
+from .patching import _patch_of, bank_shard, check_shard, proper_layers
 
-BANK = ("user_A", "user_B")
 SHARD_META = "proper_shard"
 
 
@@ -83,7 +84,31 @@ def token_nll_sum(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def bank_parameter_names(model: nn.Module) -> list[str]:
-    return [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] in BANK]
+    return [n for n, _ in model.named_parameters() if is_bank_key(n)]
+
+
+def shard_bank(model: nn.Module, rank: int, world_size: int) -> nn.Module:
+    """Keep only the bank rows of the users ``u % world_size == rank`` (the rest is freed);
+    what ``patch_model(..., shard=(rank, world_size))`` allocates from the start. The
+    trainer does this to a whole model it trains on several processes."""
+    rank, world_size = check_shard((rank, world_size))
+    state = _patch_of(model).state
+    if state.shard is not None:
+        if state.shard != (rank, world_size):
+            raise ValueError(f"the model already holds shard {state.shard} of the user bank, not {(rank, world_size)}")
+        return model
+    layers = [layer for layer in proper_layers(model).values() if layer.user_A is not None]
+    if not layers:
+        raise ValueError("the model has no user bank to shard")
+    rows = owned_rows(state.num_users, rank, world_size)
+    with torch.no_grad():
+        for layer in layers:
+            for name in ("user_A", "user_B"):
+                old = getattr(layer, name)
+                part = nn.Parameter(old[rows.to(old.device)].clone(), requires_grad=old.requires_grad)
+                setattr(layer, name, part)
+    state.shard = (rank, world_size)
+    return model
 
 
 def _sum_hook(state, bucket):
@@ -103,23 +128,27 @@ def wrap(model: nn.Module) -> nn.Module:
 # -- sharded checkpoints ----------------------------------------------------------------------
 
 
-def _owned(num_rows: int, rank: int, world_size: int) -> Tensor:
-    return torch.arange(rank, num_rows, world_size)
-
-
-def _is_bank(key: str) -> bool:
-    return key.rsplit(".", 1)[-1] in BANK
-
-
 def _write_shard(config, tensors: dict[str, Tensor], path: Union[str, os.PathLike], rank: int,
-                 world_size: int) -> Path:
-    part = {k: (t[_owned(t.shape[0], rank, world_size)] if _is_bank(k) else t) for k, t in tensors.items()}
+                 world_size: int, whole: bool = True) -> Path:
+    """Write rank `rank`'s shard; `whole`: the bank tensors hold every user (else only the rank's)."""
+    part = {k: (t[owned_rows(t.shape[0], rank, world_size)] if whole and is_bank_key(k) else t)
+            for k, t in tensors.items()}
     return write_adapters(config, part, path, {SHARD_META: json.dumps({"rank": rank, "world": world_size})})
 
 
-def save_shard(model: nn.Module, path: Union[str, os.PathLike], rank: int, world_size: int) -> Path:
-    """Rank `rank`'s shard: the shared adapter tensors and the bank rows it owns."""
-    return _write_shard(_patch_of(model).config, adapter_state_dict(model), path, rank, world_size)
+def save_shard(model: nn.Module, path: Union[str, os.PathLike], rank: Optional[int] = None,
+               world_size: Optional[int] = None) -> Path:
+    """Rank `rank`'s shard: the shared adapter tensors and the bank rows it owns. A model
+    holding a shard of the bank (``shard_bank``) writes its own (rank and world size may be
+    left out)."""
+    held = bank_shard(model)
+    if held is not None and (rank, world_size) not in ((None, None), held):
+        raise ValueError(f"the model holds shard {held} of the user bank; it cannot write shard {(rank, world_size)}")
+    if held is None and (rank is None or world_size is None):
+        raise ValueError("save_shard needs rank and world_size for a model that holds the whole bank")
+    rank, world_size = held or check_shard((rank, world_size))
+    return _write_shard(_patch_of(model).config, adapter_state_dict(model), path, rank, world_size,
+                        whole=held is None)
 
 
 def _shard_info(path: Path) -> dict:
@@ -142,13 +171,13 @@ def merge_shards(shards: Sequence[Union[str, os.PathLike]], out: Union[str, os.P
     config, first = read[0]
     full = {}
     for key, t in first.items():
-        if not _is_bank(key):
+        if not is_bank_key(key):
             full[key] = t
             continue
         rows = config.num_users
         whole = t.new_zeros((rows,) + tuple(t.shape[1:]))
         for r, (_, tensors) in read.items():
-            whole[_owned(rows, r, world_size)] = tensors[key]
+            whole[owned_rows(rows, r, world_size)] = tensors[key]
         full[key] = whole
     return write_adapters(config, full, out)
 
@@ -160,16 +189,25 @@ def split_adapters(path: Union[str, os.PathLike], out_dir: Union[str, os.PathLik
 
 
 def load_shard(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
-    """Copy a shard into a patched model: the shared tensors and the owned bank rows."""
+    """Copy a shard into a patched model: the shared tensors and the owned bank rows (into
+    the whole bank, or as the bank of a model holding that same shard)."""
     info = _shard_info(Path(path))
     config, tensors = _read(Path(path))
     params = adapter_state_dict(model)
     if set(params) != set(tensors):
         raise ValueError(f"{path} does not fit the model's adapters")
+    shard = (info["rank"], info["world"])
+    held = bank_shard(model)
+    if held is not None and held != shard:
+        raise ValueError(f"{path} is shard {shard} of the user bank but the model holds shard {held}")
+    for key, p in params.items():
+        rows = p.shape[0] if held is not None or not is_bank_key(key) else len(owned_rows(p.shape[0], *shard))
+        if tuple(tensors[key].shape) != (rows,) + tuple(p.shape[1:]):
+            raise ValueError(f"{path}: {key} has shape {tuple(tensors[key].shape)}, which does not fit the model")
     with torch.no_grad():
         for key, p in params.items():
-            if _is_bank(key):
-                p[_owned(p.shape[0], info["rank"], info["world"])] = tensors[key].to(p.dtype)
+            if is_bank_key(key) and held is None:
+                p[owned_rows(p.shape[0], *shard).to(p.device)] = tensors[key].to(p.device, p.dtype)
             else:
                 p.copy_(tensors[key])
     return model

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ._fs import atomic_write, atomic_write_text
 from .config import ProperConfig
+from .layer import BANK_PARAMS, owned_rows
 from .patching import _patch_of, is_patched, patch_model, unpatch
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -70,8 +71,19 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
+def is_bank_key(key: str) -> bool:
+    """Whether checkpoint name `key` is a user-bank table (rows = users)."""
+    return key.rsplit(".", 1)[-1] in BANK_PARAMS
+
+
 def save_adapters(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
     """Write the adapters of a patched model to directory `path` (created if needed)."""
+    shard = _patch_of(model).state.shard
+    if shard is not None:
+        raise ValueError(
+            f"this model holds rank {shard[0]} of {shard[1]}'s shard of the user bank, not whole adapters: save it "
+            "with proper.distributed.save_shard (and join the shards with merge_shards)"
+        )
     return write_adapters(_patch_of(model).config, adapter_state_dict(model), path)
 
 
@@ -123,7 +135,8 @@ def load_adapters(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
     """Load adapters saved by ``save_adapters`` into `model`; returns `model`.
 
     A model that is not patched yet is patched with the stored config first. Everything is
-    checked before anything is copied: on any error the model is left as it was.
+    checked before anything is copied: on any error the model is left as it was. A model
+    holding a shard of the user bank takes its own users' rows of the file's bank.
     """
     config, tensors = _read(Path(path))
     patched_here = not is_patched(model)
@@ -147,6 +160,9 @@ def _check_and_copy(model: nn.Module, config: ProperConfig, tensors: dict[str, T
                 f"{field}={getattr(current, field)!r}"
             )
     params = adapter_state_dict(model)
+    shard = _patch_of(model).state.shard
+    if shard is not None:
+        tensors = {k: t[owned_rows(t.shape[0], *shard)] if is_bank_key(k) else t for k, t in tensors.items()}
     missing = sorted(set(params) - set(tensors))
     extra = sorted(set(tensors) - set(params))
     if missing or extra:

@@ -16,6 +16,12 @@ from proper_kernels.reference import Routing
 from .config import ProperConfig
 
 ADAPTER_PARAMS = ("lora_A", "lora_B", "router_x", "router_user", "router_h", "user_A", "user_B")
+BANK_PARAMS = ("user_A", "user_B")  # the per-user LoRA bank: the tables a process may hold a shard of
+
+
+def owned_rows(num_rows: int, rank: int, world_size: int) -> Tensor:
+    """The user rows rank `rank` of `world_size` owns: u % world_size == rank, ascending."""
+    return torch.arange(rank, num_rows, world_size)
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -38,11 +44,54 @@ def base_features(base: nn.Module) -> tuple[int, int]:
 
 
 class UserState:
-    """The user ids of the current batch, shared by every ProperLinear of one model."""
+    """The user ids of the current batch, shared by every ProperLinear of one model.
 
-    def __init__(self, num_users: int) -> None:
+    ``shard=(rank, world_size)``: the layers hold only the bank rows of the users
+    ``u % world_size == rank`` (local row ``u // world_size``); ``user_ids`` then holds local
+    rows, and the user-aware router, which every process keeps whole, is read through
+    ``router_rows``.
+    """
+
+    def __init__(self, num_users: int, shard: Optional[tuple[int, int]] = None) -> None:
         self.num_users = num_users
         self.user_ids: Optional[Tensor] = None
+        self.shard = shard
+        self._router_rows: dict[torch.device, Tensor] = {}
+
+    @property
+    def bank_rows(self) -> int:
+        """Rows of this process's bank tables."""
+        if self.shard is None:
+            return self.num_users
+        return len(range(self.shard[0], self.num_users, self.shard[1]))
+
+    def router_rows(self, device: torch.device) -> Tensor:
+        """The rows of the whole user-aware router [num_users + 1, E] in local order: the
+        owned users', then the default row."""
+        if device not in self._router_rows:
+            rows = torch.cat([owned_rows(self.num_users, *self.shard), torch.tensor([self.num_users])])
+            self._router_rows[device] = rows.to(device)
+        return self._router_rows[device]
+
+
+class _RouterRows(torch.autograd.Function):
+    """table[rows] with a dense gradient for the whole table, also when the gradient that
+    comes back is a sparse one (sparse_user_grad): the router table is small and synchronised
+    across processes, so it stays dense."""
+
+    @staticmethod
+    def forward(ctx, table: Tensor, rows: Tensor) -> Tensor:
+        ctx.save_for_backward(rows)
+        ctx.num_rows = table.shape[0]
+        return table.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (rows,) = ctx.saved_tensors
+        if grad.is_sparse:
+            grad = grad.to_dense()
+        whole = grad.new_zeros((ctx.num_rows,) + tuple(grad.shape[1:]))
+        return whole.index_add_(0, rows, grad), None
 
 
 class ProperLinear(nn.Module):
@@ -80,14 +129,15 @@ class ProperLinear(nn.Module):
         w = base.weight
         kw = dict(device=w.device, dtype=w.dtype if w.is_floating_point() else torch.float32)
         E, r, r_u, N = self.num_experts, self.rank, self.user_rank, self.num_users
+        n_bank = self._state.bank_rows  # N, or this process's share of the users (a sharded bank)
         self.lora_A = nn.Parameter(torch.empty(E, r, d_in, **kw))
         self.lora_B = nn.Parameter(torch.empty(E, d_out, r, **kw))
         param = lambda on, *shape: nn.Parameter(torch.empty(*shape, **kw)) if on else None  # noqa: E731
         self.router_x = param("token" in config.router, E, d_in)
         self.router_user = param("user" in config.router, N + 1, E)
         self.router_h = param("lora" in config.router, E, r_u)
-        self.user_A = param(config.has_user_bank, N, r_u, d_in)
-        self.user_B = param(config.has_user_bank, N, d_out, r_u)
+        self.user_A = param(config.has_user_bank, n_bank, r_u, d_in)
+        self.user_B = param(config.has_user_bank, n_bank, d_out, r_u)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -136,6 +186,8 @@ class ProperLinear(nn.Module):
         router_user = self.router_user
         if router_user is not None and router_user.device != x.device:  # shared table, model split over devices
             router_user = router_user.to(x.device)
+        if router_user is not None and self._state.shard is not None:  # ids are rows of the bank shard
+            router_user = _RouterRows.apply(router_user, self._state.router_rows(router_user.device))
         y, routing = proper_kernels.proper_linear(
             x.to(dt),
             base_out.to(dt),

@@ -56,7 +56,8 @@ def _matches(name: str, targets: Union[str, Sequence[str]]) -> Optional[str]:
 
 
 def patch_model(
-    model: nn.Module, config: ProperConfig, *, target_modules: Optional[Union[str, Sequence[str]]] = None
+    model: nn.Module, config: ProperConfig, *, target_modules: Optional[Union[str, Sequence[str]]] = None,
+    shard: Optional[tuple[int, int]] = None,
 ) -> nn.Module:
     """Replace the target linear layers of `model` by ProperLinear, in place; returns `model`.
 
@@ -65,6 +66,10 @@ def patch_model(
     matched against the whole name. Every pattern must match a module, and every match must
     be an ``nn.Linear`` or a transformers ``Conv1D``. Every parameter outside the adapters is
     frozen, as PEFT does.
+
+    ``shard=(rank, world_size)`` allocates only the user-bank rows of the users
+    ``u % world_size == rank`` (one process of a user-sharded run, ``proper.distributed``);
+    ``user_context`` then takes only those users.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -74,6 +79,11 @@ def patch_model(
         raise ValueError("model is already patched; call proper.unpatch(model) first")
     if target_modules is not None:
         config = ProperConfig.from_dict({**config.to_dict(), "target_modules": target_modules})
+    if shard is not None:
+        shard = check_shard(shard)
+        if not config.has_user_bank:
+            raise ValueError("shard= splits the user bank across processes, but the config has no user bank "
+                             f"(num_users={config.num_users}, user_rank={config.user_rank})")
     targets = config.target_modules
 
     found: dict[str, nn.Module] = {}
@@ -98,7 +108,7 @@ def patch_model(
     if missing:
         raise ValueError(f"target_modules pattern(s) {missing} match no module of {type(model).__name__}")
 
-    patch = _Patch(config, UserState(config.num_users))
+    patch = _Patch(config, UserState(config.num_users, shard))
     patch.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -114,6 +124,24 @@ def patch_model(
             layer.router_user = shared  # one Parameter: named_parameters() and optimizers see it once
     setattr(model, _ATTR, patch)
     return model
+
+
+def check_shard(shard) -> tuple[int, int]:
+    """(rank, world_size) of a bank shard, validated."""
+    try:
+        rank, world_size = shard
+    except (TypeError, ValueError):
+        raise TypeError(f"shard must be a (rank, world_size) pair, got {shard!r}") from None
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in (rank, world_size)):
+        raise TypeError(f"shard must be a pair of ints (rank, world_size), got {shard!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"shard must have 0 <= rank < world_size, got {shard!r}")
+    return rank, world_size
+
+
+def bank_shard(model: nn.Module) -> Optional[tuple[int, int]]:
+    """(rank, world_size) when the model holds one process's shard of the user bank, else None."""
+    return _patch_of(model).state.shard
 
 
 def proper_layers(model: nn.Module) -> dict[str, ProperLinear]:
@@ -178,6 +206,8 @@ def user_context(model: nn.Module, user_ids: Union[Tensor, Sequence[int]]) -> It
     ``user_ids``: one integer per sequence of the batch (a LongTensor [batch] or a list);
     -1 is a user without a row (cold start: group path, default router row). Ids are
     checked once here; any id < -1 or >= num_users is an error naming it. Contexts nest.
+    On a model holding a shard of the bank (``patch_model(..., shard=)``), every user must be
+    one of the shard's.
     """
     patch = _patch_of(model)
     if not isinstance(user_ids, Tensor):
@@ -195,6 +225,15 @@ def user_context(model: nn.Module, user_ids: Union[Tensor, Sequence[int]]) -> It
     layers = list(patch.layers.values())
     device = layers[0].lora_A.device if layers else user_ids.device
     ids = user_ids.to(device=device, dtype=torch.long)
+    if patch.state.shard is not None:
+        rank, world_size = patch.state.shard
+        foreign = (ids >= 0) & (ids % world_size != rank)
+        if bool(foreign.any()):
+            raise ValueError(
+                f"user_ids {ids[foreign][:5].tolist()} are not in this model's shard of the user bank: rank "
+                f"{rank} of {world_size} holds the users u % {world_size} == {rank}"
+            )
+        ids = torch.where(ids >= 0, ids // world_size, ids)  # rows of the shard
     previous = patch.state.user_ids
     patch.state.user_ids = ids
     try:

@@ -26,7 +26,7 @@ from . import distributed
 from ._fs import atomic_write_text
 from .io import load_adapters, save_adapters
 from .optim import LazyAdamW
-from .patching import aux_losses, is_patched, proper_layers, user_context
+from .patching import aux_losses, bank_shard, is_patched, proper_layers, user_context
 
 LATEST = "latest"
 
@@ -93,7 +93,10 @@ def save_checkpoint(ckpt_dir: Path, model: nn.Module, opt: torch.optim.Optimizer
     final = ckpt_dir / f"step-{step:07d}"
     tmp = ckpt_dir / f".step-{step:07d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_adapters(model, tmp / "adapters")
+    if is_patched(model) and bank_shard(model) is not None:
+        distributed.save_shard(model, tmp / "adapters")
+    else:
+        save_adapters(model, tmp / "adapters")
     tensors, meta = _optimizer_tensors(opt)
     tensors.update(_rng_tensors())
     save_file(tensors, str(tmp / "trainer.safetensors"))
@@ -133,6 +136,10 @@ def train(
     """
     from tqdm.auto import tqdm
 
+    rank, world_size = distributed.world()
+    if world_size > 1 and is_patched(model) and any(l.user_A is not None for l in proper_layers(model).values()):
+        distributed.shard_bank(model, rank, world_size)  # before the optimizer sees the bank
+    sharded = is_patched(model) and bank_shard(model) is not None
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if trainable is not None:
         for n, p in named:
@@ -148,7 +155,6 @@ def train(
     sparse = is_patched(model) and any(layer.sparse_user_grad for layer in proper_layers(model).values())
     # sparse user-bank gradients: optimizer state only for the users seen (proper.optim)
     opt = (LazyAdamW if sparse else torch.optim.AdamW)(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    rank, world_size = distributed.world()
     forward = model
     if world_size > 1:  # torchrun: the bank sharded by user, DDP over the rest (proper.distributed)
         forward = distributed.wrap(model)
@@ -158,7 +164,7 @@ def train(
     if ckpt_dir is not None:
         ckpt = latest_checkpoint(Path(ckpt_dir))
         if ckpt is not None:
-            load_adapters(model, ckpt / "adapters")
+            (distributed.load_shard if sharded else load_adapters)(model, ckpt / "adapters")
             tensors = load_file(str(ckpt / "trainer.safetensors"))
             meta = json.loads((ckpt / "trainer.json").read_text())
             _load_optimizer(opt, tensors, meta["optimizer"])

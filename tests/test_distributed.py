@@ -47,12 +47,15 @@ WORKER = textwrap.dedent("""
     start = {{k: v.detach().clone() for k, v in proper.io.adapter_state_dict(model).items()}}
     losses = train(model, batch_at, TrainConfig(**CFG), out + "/ckpt")
     save_shard(model, f"{{out}}/rank-{{rank}}", rank, world)
-    # which bank rows changed on this rank
-    changed = {{}}
+    # the bank rows this rank holds (local row j is user rank + j * world) and which changed
+    changed, held = {{}}, {{}}
     for k, v in proper.io.adapter_state_dict(model).items():
         if k.endswith(("user_A", "user_B")):
-            changed[k] = [u for u in range(v.shape[0]) if not torch.equal(v[u], start[k][u])]
-    json.dump({{"rank": rank, "losses": losses, "changed": changed}}, open(f"{{out}}/rank-{{rank}}.json", "w"))
+            held[k] = v.shape[0]
+            changed[k] = [rank + j * world for j in range(v.shape[0])
+                          if not torch.equal(v[j], start[k][rank + j * world])]
+    json.dump({{"rank": rank, "losses": losses, "changed": changed, "held": held}},
+              open(f"{{out}}/rank-{{rank}}.json", "w"))
     dist.destroy_process_group()
 """)
 
@@ -97,8 +100,8 @@ def test_two_ranks_train_the_same_adapters_as_one_and_reshard_exactly(tmp_path):
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
     for r in ranks:
         assert r["losses"] == pytest.approx(losses, rel=1e-5)
-        for key, users in r["changed"].items():  # a bank row moves on its owner only
-            assert all(u % 2 == r["rank"] for u in users), (r["rank"], key, users)
+        # each rank holds (and trains) only the bank rows of its own users
+        assert set(r["held"].values()) == {len(range(r["rank"], NUM_USERS, 2))}, r["held"]
     assert any(r["changed"][k] for r in ranks for k in r["changed"])
 
     merged = merge_shards([tmp_path / "rank-0", tmp_path / "rank-1"], tmp_path / "merged")
