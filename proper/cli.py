@@ -43,7 +43,8 @@ def _pipeline_config(args, num_users: int):
     from .stages import PipelineConfig
     from .trainer import TrainConfig
 
-    tc = TrainConfig(steps=args.steps, lr=args.lr, save_every=args.save_every, seed=args.seed)
+    tc = TrainConfig(steps=args.steps, lr=args.lr, save_every=args.save_every, seed=args.seed,
+                     load_balance=args.load_balance, distinctness=args.distinctness)
     return PipelineConfig(num_users=num_users, target_modules=tuple(args.target_modules), num_experts=args.experts,
                           top_k=args.top_k, rank=args.rank, user_rank=args.user_rank, train={s: tc for s in (1, 2, 3)})
 
@@ -83,7 +84,10 @@ def _init_distributed() -> None:
 
 
 def cmd_train(args) -> int:
+    import torch
+
     from .data import special_token_ids
+    from .distributed import world
     from .pipeline import batch_sampler, encode_split
     from .stages import run_stage
 
@@ -96,9 +100,11 @@ def cmd_train(args) -> int:
     cfg = _pipeline_config(args, len(users))
     for stage in sorted({int(s) for s in args.stages.split(",")}):
         balance = "user" if stage == 3 else "record"  # stage 3: every user's own LoRA gets trained
+        torch.manual_seed(args.seed * 1000 + stage)  # the adapters' initialisation: the same on every run and rank
         run_stage(build, batch_sampler(enc, pad, args.batch_size, args.seed * 101 + stage, balance), out, cfg, stage,
                   records=enc, pad_id=pad)
-        print(f"stage {stage} done: {out / f'stage{stage}' / 'final'}")
+        if world()[0] == 0:
+            print(f"stage {stage} done: {out / f'stage{stage}' / 'final'}")
     return 0
 
 
@@ -184,6 +190,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--load-balance", type=float, default=0.01, help="weight of stage 2's load-balance loss")
+    p.add_argument("--distinctness", type=float, default=0.01, help="weight of stage 2's expert distinctness loss")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="LaMP metrics of a stage on the test split, per history bucket")

@@ -16,7 +16,10 @@ Checkpoints are shards: rank r writes the shared tensors and the bank rows it ow
 ``load_adapters``) and ``split_adapters`` cuts full adapters into shards for another world
 size.
 
-Auxiliary losses (load balance, distinctness) are computed per rank on its own tokens.
+Auxiliary losses: each rank adds 1/world of its own, so that the summed gradient of the
+distinctness loss (a function of the shared weights alone) is exactly one process's, and
+that of the load-balance loss is the mean of the ranks' balance over their own tokens (not
+the balance over the global batch).
 """
 
 from __future__ import annotations

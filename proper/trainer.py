@@ -192,7 +192,10 @@ def train(
             loss = shown = out.loss
         if cfg.load_balance or cfg.distinctness:
             aux = aux_losses(model)
-            loss = loss + cfg.load_balance * aux["load_balance"] + cfg.distinctness * aux["distinctness"]
+            # several ranks: gradients are summed, so each rank adds 1/world of its aux losses
+            # (distinctness, a function of the shared weights, then gets exactly its gradient;
+            # load balance, the mean of the ranks' balance over their own tokens)
+            loss = loss + (cfg.load_balance * aux["load_balance"] + cfg.distinctness * aux["distinctness"]) / world_size
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{desc}: the loss is {loss.item()} at step {step}")
         opt.zero_grad(set_to_none=True)

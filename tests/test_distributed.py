@@ -171,3 +171,53 @@ def test_run_stage_under_torchrun_writes_merged_finals_like_one_process(tmp_path
         one = adapter_state_dict(load_stage(LLAMA.build, tmp_path / "one", stage))
         for k in one:
             torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-5, msg=lambda m: f"stage {stage} {k}: {m}")
+
+
+def _cli_workspace(root):
+    from proper.demo import tiny_llama, word_tokenizer
+    from proper.synthetic import make_task
+
+    task = make_task(num_users=12, seed=3)
+    task.write_jsonl(root / "data.jsonl")
+    tok = word_tokenizer(task.vocabulary())
+    tiny_llama(len(tok), 32, 1, seed=0).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+
+
+def _finals(out):
+    return {s: proper.io._read(out / f"stage{s}" / "final")[1] for s in (1, 2, 3)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_proper_train_runs_unchanged_under_a_launcher(tmp_path, launcher):
+    """`proper train` on 2 gloo processes, started by torchrun or by `accelerate launch`,
+    writes the stage finals one process writes (stage 2's load balance off: each rank
+    balances its own tokens)."""
+    from proper.cli import main
+
+    _cli_workspace(tmp_path)
+    args = ["train", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "data.jsonl"),
+            "--max-length", "16", "--steps", "4", "--save-every", "2", "--experts", "2", "--rank", "2",
+            "--user-rank", "2", "--lr", "1e-3", "--batch-size", "4", "--load-balance", "0"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+
+    port = str(_free_port())
+    if launcher == "torchrun":
+        start = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                 "--master_addr", "127.0.0.1", "--master_port", port]
+    else:  # --multi_gpu is accelerate's torch.distributed launcher; without a GPU the ranks use gloo
+        start = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu",
+                 "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                 "--dynamo_backend", "no", "--main_process_port", port]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}  # no user accelerate config
+    run = subprocess.run([*start, "-m", "proper.cli", *args, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    assert run.stdout.count("stage 3 done") == 1  # rank 0 reports
+    one, two = _finals(tmp_path / "one"), _finals(tmp_path / "two")
+    for s in (1, 2, 3):
+        assert one[s].keys() == two[s].keys()
+        for k in one[s]:
+            torch.testing.assert_close(two[s][k], one[s][k], rtol=1e-5, atol=1e-5, msg=lambda m: f"stage {s} {k}: {m}")
+    assert (tmp_path / "two" / "stage3" / "shards" / "rank-1-of-2").is_dir()
