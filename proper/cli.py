@@ -44,7 +44,8 @@ def _pipeline_config(args, num_users: int):
     from .trainer import TrainConfig
 
     tc = TrainConfig(steps=args.steps, lr=args.lr, save_every=args.save_every, seed=args.seed,
-                     load_balance=args.load_balance, distinctness=args.distinctness)
+                     load_balance=args.load_balance, distinctness=args.distinctness, parallel=args.parallel,
+                     mixed_precision=None if args.mixed_precision == "no" else args.mixed_precision)
     return PipelineConfig(num_users=num_users, target_modules=tuple(args.target_modules), num_experts=args.experts,
                           top_k=args.top_k, rank=args.rank, user_rank=args.user_rank, train={s: tc for s in (1, 2, 3)})
 
@@ -192,6 +193,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--load-balance", type=float, default=0.01, help="weight of stage 2's load-balance loss")
     p.add_argument("--distinctness", type=float, default=0.01, help="weight of stage 2's expert distinctness loss")
+    p.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
+                   help="several processes (torchrun, accelerate launch): DDP or FSDP2 over all but the user bank")
+    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
+                   help="with --parallel fsdp: compute dtype of the sharded weights (gradients reduced in fp32)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="LaMP metrics of a stage on the test split, per history bucket")

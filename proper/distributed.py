@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-from .io import WEIGHTS_NAME, _read, adapter_state_dict, is_bank_key, write_adapters
+from .io import WEIGHTS_NAME, _read, adapter_state_dict, copy_into, is_bank_key, write_adapters
 from .layer import owned_rows
 from .patching import _patch_of, bank_shard, check_shard, proper_layers
 
@@ -128,6 +128,69 @@ def wrap(model: nn.Module) -> nn.Module:
     return ddp
 
 
+# -- FSDP2 ------------------------------------------------------------------------------------
+
+MIXED_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def user_routers(model: nn.Module) -> list[nn.Parameter]:
+    """The user-aware router tables of a patched model, each once (a shared one is one)."""
+    seen: dict[int, nn.Parameter] = {}
+    for layer in proper_layers(model).values():
+        if layer.router_user is not None:
+            seen.setdefault(id(layer.router_user), layer.router_user)
+    return list(seen.values())
+
+
+def wrap_fsdp(model: nn.Module, mixed_precision: Optional[str] = None) -> list[nn.Parameter]:
+    """Shard `model` in place with FSDP2 (``torch.distributed.fsdp.fully_shard``): one unit per
+    transformer block (the classes in ``model._no_split_modules``; a ProperLinear outside
+    every block gets a unit of its own), then the root. Gradients are summed over ranks.
+
+    Left out of FSDP: the user bank (each rank holds and trains its own users' rows) and the
+    user-aware router tables (a table shared by every layer cannot belong to one unit); the
+    router tables stay whole on every rank and the caller sums their gradients after
+    backward with ``sum_grads`` (what this returns). ``mixed_precision`` "bf16"/"fp16":
+    the sharded parameters compute in that dtype, gradients are reduced in float32; the
+    bank and the routers stay in their own dtype (the adapters then compute in float32).
+    """
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    if not hasattr(FSDPModule, "set_gradient_divide_factor"):
+        raise RuntimeError(f"FSDP needs torch >= 2.8 (set_gradient_divide_factor), this is {torch.__version__}")
+    if mixed_precision is not None and mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"mixed_precision must be one of {sorted(MIXED_PRECISION)} or None, got {mixed_precision!r}")
+    layers = list(proper_layers(model).values())
+    routers = user_routers(model)
+    ignored = set(routers) | {p for layer in layers for p in (layer.user_A, layer.user_B) if p is not None}
+    mp = (MixedPrecisionPolicy(param_dtype=MIXED_PRECISION[mixed_precision], reduce_dtype=torch.float32)
+          if mixed_precision else MixedPrecisionPolicy())
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    inside = {id(layer) for b in blocks for layer in b.modules()}
+    # a ProperLinear must sit in a unit that reshards after forward (not the root), so that
+    # after forward its weights are sharded again and the distinctness loss reads them whole
+    units = [layer for layer in layers if id(layer) not in inside] + blocks
+    for unit in units + [model]:
+        fully_shard(unit, mp_policy=mp, ignored_params=ignored)
+    for unit in units + [model]:  # a sum, as DDP's comm hook: the loss is already global
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
+    return routers
+
+
+def sum_grads(params: Sequence[nn.Parameter]) -> None:
+    """All-reduce (sum) the gradients of parameters every rank holds whole (after backward)."""
+    for p in params:
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        elif p.grad.is_sparse:
+            p.grad = p.grad.to_dense()
+        dist.all_reduce(p.grad)
+
+
 # -- sharded checkpoints ----------------------------------------------------------------------
 
 
@@ -212,5 +275,5 @@ def load_shard(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
             if is_bank_key(key) and held is None:
                 p[owned_rows(p.shape[0], *shard).to(p.device)] = tensors[key].to(p.device, p.dtype)
             else:
-                p.copy_(tensors[key])
+                copy_into(p, tensors[key])
     return model

@@ -71,6 +71,20 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
+def whole(t: Tensor) -> Tensor:
+    """A parameter's whole value; for one sharded by FSDP this is a collective (every rank calls it)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def copy_into(p: Tensor, value: Tensor) -> None:
+    """p.copy_(value) for a parameter, whole or sharded by FSDP (this rank takes its part)."""
+    if hasattr(p, "full_tensor"):
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value.to(p.device, p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+    p.copy_(value)
+
+
 def is_bank_key(key: str) -> bool:
     """Whether checkpoint name `key` is a user-bank table (rows = users)."""
     return key.rsplit(".", 1)[-1] in BANK_PARAMS
@@ -91,7 +105,7 @@ def write_adapters(config: ProperConfig, tensors: dict[str, Tensor], path: Union
                    extra_metadata: Optional[dict[str, str]] = None) -> Path:
     """Write adapter tensors (checkpoint names) with their config to directory `path`,
     atomically, with the checksum; what ``save_adapters`` writes for a model."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    tensors = {k: whole(v).detach().cpu().contiguous() for k, v in tensors.items()}
     for name, t in tensors.items():
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"refusing to save: adapter tensor {name!r} contains NaN or Inf")
@@ -180,4 +194,4 @@ def _check_and_copy(model: nn.Module, config: ProperConfig, tensors: dict[str, T
             raise AdapterFileError(f"{where}: {name} contains NaN or Inf")
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(tensors[name])
+            copy_into(p, tensors[name])

@@ -182,7 +182,14 @@ class ProperLinear(nn.Module):
         elif checked and user_ids.device != x.device:  # a model split over devices (device_map)
             user_ids = user_ids.to(x.device, non_blocking=True)
         # Adapters run in their own dtype (as PEFT does); the result goes back to base's dtype.
+        # Under FSDP mixed precision the sharded adapters arrive in bf16/fp16 while the bank
+        # and the user router (left out of FSDP) keep theirs: the adapters then run in the
+        # wider dtype, and the small group tensors are cast to it (never the bank).
         dt = self.lora_A.dtype
+        for table in (self.user_A, self.router_user):
+            if table is not None:
+                dt = torch.promote_types(dt, table.dtype)
+        cast = lambda t: t if t is None or t.dtype == dt else t.to(dt)  # noqa: E731
         router_user = self.router_user
         if router_user is not None and router_user.device != x.device:  # shared table, model split over devices
             router_user = router_user.to(x.device)
@@ -191,14 +198,14 @@ class ProperLinear(nn.Module):
         y, routing = proper_kernels.proper_linear(
             x.to(dt),
             base_out.to(dt),
-            self.lora_A,
-            self.lora_B,
+            cast(self.lora_A),
+            cast(self.lora_B),
             self.scaling,
             top_k=self.top_k,
             temperature=self.temperature,
-            router_x=self.router_x,
+            router_x=cast(self.router_x),
             router_user=router_user,
-            router_h=self.router_h,
+            router_h=cast(self.router_h),
             user_ids=user_ids,
             user_A=self.user_A,
             user_B=self.user_B,
@@ -225,7 +232,7 @@ class ProperLinear(nn.Module):
         before any training forward.
         """
         if self._routing is None:
-            return self.lora_A.new_zeros(())
+            return torch.zeros((), device=self.lora_A.device, dtype=self.lora_A.dtype)
         logits, _, indices = self._routing
         probs = torch.softmax(logits.float() / self.temperature, dim=-1)
         counts = torch.zeros(self.num_experts, device=logits.device).index_add_(
@@ -241,9 +248,11 @@ class ProperLinear(nn.Module):
         """
         E = self.num_experts
         if E < 2:
-            return self.lora_A.new_zeros(())
-        total = self.lora_A.new_zeros((), dtype=torch.float32)
+            return torch.zeros((), device=self.lora_A.device, dtype=self.lora_A.dtype)
+        total = torch.zeros((), device=self.lora_A.device)  # a plain tensor, also under FSDP
         for w in (self.lora_A, self.lora_B):
+            if hasattr(w, "full_tensor"):  # FSDP: sharded after forward; every rank reads it whole
+                w = w.full_tensor()
             v = F.normalize(w.reshape(E, -1).float(), dim=1, eps=1e-12)
             gram = v @ v.t()
             off = gram - torch.diag_embed(torch.diagonal(gram))

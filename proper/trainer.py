@@ -29,6 +29,7 @@ from .optim import LazyAdamW
 from .patching import aux_losses, bank_shard, is_patched, proper_layers, user_context
 
 LATEST = "latest"
+PARALLEL = ("ddp", "fsdp")
 
 
 @dataclass
@@ -42,6 +43,10 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     router_lr_scale: float = 1.0  # the routers' learning rate is lr times this
+    # several processes (torchrun): "ddp" (DistributedDataParallel) or "fsdp" (FSDP2,
+    # fully_shard); the user bank is sharded by user either way (proper.distributed)
+    parallel: str = "ddp"
+    mixed_precision: Optional[str] = None  # FSDP: "bf16" or "fp16" compute, fp32 gradient reduction
 
 
 def _write_json(path: Path, obj) -> None:
@@ -54,6 +59,8 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], d
     for idx, state in sd["state"].items():
         for name, value in state.items():
             if isinstance(value, Tensor):
+                if hasattr(value, "to_local"):  # FSDP: this rank's part (checkpoints are per rank)
+                    value = value.to_local()
                 tensors[f"state.{idx}.{name}"] = value.detach().cpu().contiguous()
             else:
                 scalars[f"{idx}.{name}"] = value
@@ -69,6 +76,16 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], meta
     for key, value in meta["scalars"].items():
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for idx, st in state.items():
+        p = params[idx]
+        if hasattr(p, "device_mesh"):  # FSDP: the saved parts become this rank's shards again
+            from torch.distributed.tensor import DTensor
+
+            for name, value in st.items():
+                if isinstance(value, Tensor) and tuple(value.shape) == tuple(p.to_local().shape):
+                    st[name] = DTensor.from_local(value.to(p.device), p.device_mesh, p.placements,
+                                                  shape=p.shape, stride=p.stride(), run_check=False)
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
@@ -137,14 +154,27 @@ def train(
     from tqdm.auto import tqdm
 
     rank, world_size = distributed.world()
+    if cfg.parallel not in PARALLEL:
+        raise ValueError(f"TrainConfig.parallel must be one of {PARALLEL}, got {cfg.parallel!r}")
+    if cfg.mixed_precision is not None and not (cfg.parallel == "fsdp" and world_size > 1):
+        raise ValueError("TrainConfig.mixed_precision is FSDP's (parallel='fsdp' on several processes); "
+                         "on one process load the model in the dtype to train in")
     if world_size > 1 and is_patched(model) and any(l.user_A is not None for l in proper_layers(model).values()):
         distributed.shard_bank(model, rank, world_size)  # before the optimizer sees the bank
     sharded = is_patched(model) and bank_shard(model) is not None
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if trainable is not None:
-        for n, p in named:
-            p.requires_grad_(trainable(n))
-        named = [(n, p) for n, p in named if p.requires_grad]
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.requires_grad_(trainable(n))
+    forward, replicated = model, []
+    if world_size > 1:  # torchrun: the bank sharded by user, DDP or FSDP over the rest (proper.distributed)
+        if cfg.parallel == "fsdp":  # before the optimizer: FSDP replaces the parameters
+            replicated = distributed.wrap_fsdp(model, cfg.mixed_precision)
+        else:
+            forward = distributed.wrap(model)
+        if ckpt_dir is not None:
+            ckpt_dir = Path(ckpt_dir) / f"rank-{rank}-of-{world_size}"
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("nothing to train: no adapter parameter is trainable")
     routers = [p for n, p in named if n.rsplit(".", 1)[-1].startswith("router_")]
@@ -155,11 +185,6 @@ def train(
     sparse = is_patched(model) and any(layer.sparse_user_grad for layer in proper_layers(model).values())
     # sparse user-bank gradients: optimizer state only for the users seen (proper.optim)
     opt = (LazyAdamW if sparse else torch.optim.AdamW)(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    forward = model
-    if world_size > 1:  # torchrun: the bank sharded by user, DDP over the rest (proper.distributed)
-        forward = distributed.wrap(model)
-        if ckpt_dir is not None:
-            ckpt_dir = Path(ckpt_dir) / f"rank-{rank}-of-{world_size}"
     start, losses = 0, []
     if ckpt_dir is not None:
         ckpt = latest_checkpoint(Path(ckpt_dir))
@@ -170,6 +195,7 @@ def train(
             _load_optimizer(opt, tensors, meta["optimizer"])
             _restore_rng(tensors)
             start, losses = meta["step"], meta["losses"]
+    replicated_aux = world_size > 1 and cfg.parallel == "fsdp"
     model.train()
     # disable=None: bars on a terminal only, not in logs and CI output
     bar = tqdm(range(start, cfg.steps), desc=desc, disable=None if cfg.progress else True, initial=start,
@@ -192,14 +218,17 @@ def train(
             loss = shown = out.loss
         if cfg.load_balance or cfg.distinctness:
             aux = aux_losses(model)
-            # several ranks: gradients are summed, so each rank adds 1/world of its aux losses
-            # (distinctness, a function of the shared weights, then gets exactly its gradient;
-            # load balance, the mean of the ranks' balance over their own tokens)
-            loss = loss + (cfg.load_balance * aux["load_balance"] + cfg.distinctness * aux["distinctness"]) / world_size
+            # several ranks: gradients are summed, so each rank adds 1/world of its load-balance
+            # loss (the mean of the ranks' balance over their own tokens) and, under DDP, of the
+            # distinctness loss (a function of the shared weights: exactly its gradient). Under
+            # FSDP each rank reads the sharded weights whole and gets its part's gradient once.
+            loss = (loss + cfg.load_balance * aux["load_balance"] / world_size
+                    + cfg.distinctness * aux["distinctness"] / (1 if replicated_aux else world_size))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{desc}: the loss is {loss.item()} at step {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.sum_grads(replicated)  # FSDP: the user routers every rank holds whole
         opt.step()
         losses.append(shown.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
