@@ -195,8 +195,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--distinctness", type=float, default=0.01, help="weight of stage 2's expert distinctness loss")
     p.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
                    help="several processes (torchrun, accelerate launch): DDP or FSDP2 over all but the user bank")
-    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
-                   help="with --parallel fsdp: compute dtype of the sharded weights (gradients reduced in fp32)")
+    p.add_argument("--mixed-precision", choices=("no", "bf16"), default="no",
+                   help="bf16 compute: FSDP's bf16 weights with fp32 gradient reduction, else autocast")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="LaMP metrics of a stage on the test split, per history bucket")

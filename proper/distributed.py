@@ -5,21 +5,24 @@ Each rank owns the users ``row % world == rank``: a batch is drawn the same on e
 without a user, row -1, goes to rank ``index % world``), and holds only their rows of the
 user bank (``patch_model(..., shard=(rank, world))`` allocates just those; ``shard_bank``
 cuts a whole bank down to them). The group experts and routers are synchronised by
-``torch.nn.parallel.DistributedDataParallel`` (gradients summed); the bank is left out of
-DDP, so its rows are never all-reduced. Each rank's loss is its sum of token losses over the number of label tokens
-of the whole global batch, so the summed gradients are those of one process training on
-the global batch. ``proper.trainer.train`` does all this when a process group is set up
-(``torchrun --nproc_per_node N``), with one checkpoint directory per rank.
+``torch.nn.parallel.DistributedDataParallel`` (gradients summed), or sharded by FSDP2
+(``TrainConfig(parallel="fsdp")``, ``wrap_fsdp``); the bank is left out of both, so its
+rows are never all-reduced. Each rank's loss is its sum of token losses over the number of
+label tokens of the whole global batch, so the summed gradients are those of one process
+training on the global batch. ``proper.trainer.train`` does all this when a process group is
+set up (``torchrun --nproc_per_node N``, ``accelerate launch --multi_gpu``), with one
+checkpoint directory per rank.
 
 Checkpoints are shards: rank r writes the shared tensors and the bank rows it owns
 (``save_shard``); ``merge_shards`` rebuilds the full adapters (loadable by one process with
 ``load_adapters``) and ``split_adapters`` cuts full adapters into shards for another world
 size.
 
-Auxiliary losses: each rank adds 1/world of its own, so that the summed gradient of the
-distinctness loss (a function of the shared weights alone) is exactly one process's, and
-that of the load-balance loss is the mean of the ranks' balance over their own tokens (not
-the balance over the global batch).
+Auxiliary losses: each rank adds 1/world of its load-balance loss, so the summed gradient is
+that of the mean of the ranks' balance over their own tokens (not the balance over the
+global batch); the distinctness loss, a function of the shared weights alone, gets exactly
+one process's gradient (1/world of it on each rank under DDP, whole under FSDP, where each
+rank's gradient goes to its own shard).
 """
 
 from __future__ import annotations
@@ -130,7 +133,8 @@ def wrap(model: nn.Module) -> nn.Module:
 
 # -- FSDP2 ------------------------------------------------------------------------------------
 
-MIXED_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# bf16 only: fp16 would need loss scaling, which neither path does
+MIXED_PRECISION = {"bf16": torch.bfloat16}
 
 
 def user_routers(model: nn.Module) -> list[nn.Parameter]:
@@ -150,8 +154,8 @@ def wrap_fsdp(model: nn.Module, mixed_precision: Optional[str] = None) -> list[n
     Left out of FSDP: the user bank (each rank holds and trains its own users' rows) and the
     user-aware router tables (a table shared by every layer cannot belong to one unit); the
     router tables stay whole on every rank and the caller sums their gradients after
-    backward with ``sum_grads`` (what this returns). ``mixed_precision`` "bf16"/"fp16":
-    the sharded parameters compute in that dtype, gradients are reduced in float32; the
+    backward with ``sum_grads`` (what this returns). ``mixed_precision="bf16"``: the
+    sharded parameters compute in bf16, gradients are reduced in float32; the
     bank and the routers stay in their own dtype (the adapters then compute in float32).
     """
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -175,7 +179,10 @@ def wrap_fsdp(model: nn.Module, mixed_precision: Optional[str] = None) -> list[n
         fully_shard(unit, mp_policy=mp, ignored_params=ignored)
     for unit in units + [model]:  # a sum, as DDP's comm hook: the loss is already global
         unit.set_gradient_divide_factor(1.0)
-        unit.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
+        if hasattr(unit, "set_force_sum_reduction_for_comms"):
+            unit.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM
+        elif dist.get_backend() == "gloo":
+            raise RuntimeError(f"FSDP over gloo needs set_force_sum_reduction_for_comms (torch {torch.__version__})")
     return routers
 
 

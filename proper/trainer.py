@@ -10,6 +10,7 @@ depends on the step alone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -46,7 +47,9 @@ class TrainConfig:
     # several processes (torchrun): "ddp" (DistributedDataParallel) or "fsdp" (FSDP2,
     # fully_shard); the user bank is sharded by user either way (proper.distributed)
     parallel: str = "ddp"
-    mixed_precision: Optional[str] = None  # FSDP: "bf16" or "fp16" compute, fp32 gradient reduction
+    # "bf16": FSDP computes with bf16 copies of the sharded weights and reduces gradients in
+    # fp32; otherwise the forward runs under torch.autocast(bf16). The adapters stay fp32.
+    mixed_precision: Optional[str] = None
 
 
 def _write_json(path: Path, obj) -> None:
@@ -135,6 +138,20 @@ def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
     return path if path.is_dir() else None
 
 
+def _check_world(ckpt_root: Path, world_size: int) -> None:
+    """Refuse to start afresh beside checkpoints of another number of processes (they would
+    be ignored): resume with that number, or reshard (proper.distributed)."""
+    mine = f"rank-0-of-{world_size}" if world_size > 1 else None
+    written = sorted(d.name for d in ckpt_root.glob("rank-*-of-*") if latest_checkpoint(d) is not None)
+    if world_size > 1 and latest_checkpoint(ckpt_root) is not None:
+        written.append("one process")
+    if written and mine not in written:
+        raise RuntimeError(
+            f"{ckpt_root} holds checkpoints of another number of processes ({', '.join(written)}), not of "
+            f"{world_size}: resume with that number of processes, or start in a new directory"
+        )
+
+
 def train(
     model: nn.Module,
     batch_at: Callable[[int], dict],
@@ -150,15 +167,20 @@ def train(
     batch_at(step) -> dict of model inputs plus "user_rows" (LongTensor, one per sequence).
     trainable(name) picks which adapter parameters train (default: all that require grad);
     the others are frozen for this run. With `ckpt_dir`, resumes from its latest checkpoint.
+
+    Under torchrun / accelerate (a process group with several ranks) this trains as
+    ``proper.distributed`` describes, and leaves `model` holding this rank's shard of the user
+    bank (save it with ``proper.distributed.save_shard``) and, with ``parallel="fsdp"``,
+    sharded by FSDP.
     """
     from tqdm.auto import tqdm
 
     rank, world_size = distributed.world()
     if cfg.parallel not in PARALLEL:
         raise ValueError(f"TrainConfig.parallel must be one of {PARALLEL}, got {cfg.parallel!r}")
-    if cfg.mixed_precision is not None and not (cfg.parallel == "fsdp" and world_size > 1):
-        raise ValueError("TrainConfig.mixed_precision is FSDP's (parallel='fsdp' on several processes); "
-                         "on one process load the model in the dtype to train in")
+    if cfg.mixed_precision not in (None, *distributed.MIXED_PRECISION):
+        raise ValueError(f"TrainConfig.mixed_precision must be None or one of {sorted(distributed.MIXED_PRECISION)}, "
+                         f"got {cfg.mixed_precision!r}")
     if world_size > 1 and is_patched(model) and any(l.user_A is not None for l in proper_layers(model).values()):
         distributed.shard_bank(model, rank, world_size)  # before the optimizer sees the bank
     sharded = is_patched(model) and bank_shard(model) is not None
@@ -174,6 +196,8 @@ def train(
             forward = distributed.wrap(model)
         if ckpt_dir is not None:
             ckpt_dir = Path(ckpt_dir) / f"rank-{rank}-of-{world_size}"
+    if ckpt_dir is not None:
+        _check_world(Path(ckpt_dir).parent if world_size > 1 else Path(ckpt_dir), world_size)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("nothing to train: no adapter parameter is trainable")
@@ -196,24 +220,27 @@ def train(
             _restore_rng(tensors)
             start, losses = meta["step"], meta["losses"]
     replicated_aux = world_size > 1 and cfg.parallel == "fsdp"
+    device = next(model.parameters()).device
+    # mixed precision: FSDP's policy, else autocast (the adapters' parameters stay float32)
+    autocast = (torch.autocast(device.type, dtype=distributed.MIXED_PRECISION[cfg.mixed_precision])
+                if cfg.mixed_precision and not replicated_aux else contextlib.nullcontext())
     model.train()
     # disable=None: bars on a terminal only, not in logs and CI output
     bar = tqdm(range(start, cfg.steps), desc=desc, disable=None if cfg.progress else True, initial=start,
                total=cfg.steps)
-    device = next(model.parameters()).device
     for step in bar:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch_at(step).items()}
         if world_size > 1:
             batch, n_global = distributed.local_batch(batch, rank, world_size)
             users, labels = batch.pop("user_rows"), batch.pop("labels")
-            with user_context(model, users):
+            with user_context(model, users), autocast:
                 logits = forward(**batch).logits
             loss = distributed.token_nll_sum(logits, labels) / n_global
             shown = loss.detach().clone()
             torch.distributed.all_reduce(shown)  # the global mean, for the log
         else:
             users = batch.pop("user_rows")
-            with user_context(model, users):
+            with user_context(model, users), autocast:
                 out = model(**batch)
             loss = shown = out.loss
         if cfg.load_balance or cfg.distinctness:

@@ -289,3 +289,25 @@ def test_fsdp_trains_the_adapters_one_process_trains(tmp_path, precision):
         moved = torch.cat([(want[k] - start[k]).flatten() for k in want])
         off = torch.cat([(got[k] - want[k]).flatten() for k in want])
         assert moved.norm() > 0 and off.norm() / moved.norm() < 0.3, float(off.norm() / moved.norm())
+
+
+def test_bf16_autocast_training_stays_close_to_fp32():
+    """mixed_precision="bf16" without FSDP: the forward runs under autocast, the adapters stay fp32."""
+    losses = {}
+    for mp in (None, "bf16"):
+        torch.manual_seed(0)
+        model = proper.patch_model(LLAMA.build(), full_config(LLAMA.targets))
+        losses[mp] = train(model, batch_at, TrainConfig(**CFG, mixed_precision=mp))
+        assert {p.dtype for p in adapter_state_dict(model).values()} == {torch.float32}
+    assert losses["bf16"] == pytest.approx(losses[None], rel=1e-2)
+    assert losses["bf16"] != losses[None]  # it did compute in bf16
+    with pytest.raises(ValueError, match="mixed_precision"):
+        train(model, batch_at, TrainConfig(**CFG, mixed_precision="fp16"))
+
+
+def test_checkpoints_of_another_number_of_processes_are_not_silently_ignored(tmp_path):
+    torch.manual_seed(0)
+    model = proper.patch_model(LLAMA.build(), full_config(LLAMA.targets))
+    train(model, batch_at, TrainConfig(**{**CFG, "steps": 2}), tmp_path / "ckpt" / "rank-0-of-2")  # as rank 0 of 2 writes
+    with pytest.raises(RuntimeError, match=r"another number of processes \(rank-0-of-2\)"):
+        train(model, batch_at, TrainConfig(**CFG), tmp_path / "ckpt")
