@@ -122,10 +122,19 @@ def _sum_hook(state, bucket):
 
 
 def wrap(model: nn.Module) -> nn.Module:
-    """DistributedDataParallel over everything but the user bank, gradients summed."""
+    """DistributedDataParallel over everything but the per-user tables, gradients summed.
+
+    The user bank stays out (each rank trains its own users' rows), and so do the user-aware
+    router tables, whose gradients may be sparse (DDP cannot reduce those): every rank holds
+    them whole and the caller sums their gradients after backward with ``sum_grads`` over
+    ``user_routers(model)``, as under FSDP."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    DDP._set_params_and_buffers_to_ignore_for_model(model, bank_parameter_names(model))
+    routers = {id(p) for p in user_routers(model)}
+    # every name of a table shared by the layers: DDP looks each module's parameters up by name
+    tables = bank_parameter_names(model) + [n for n, p in model.named_parameters(remove_duplicate=False)
+                                            if id(p) in routers]
+    DDP._set_params_and_buffers_to_ignore_for_model(model, tables)
     ddp = DDP(model, find_unused_parameters=False)
     ddp.register_comm_hook(None, _sum_hook)
     return ddp
@@ -186,16 +195,34 @@ def wrap_fsdp(model: nn.Module, mixed_precision: Optional[str] = None) -> list[n
     return routers
 
 
-def sum_grads(params: Sequence[nn.Parameter]) -> None:
-    """All-reduce (sum) the gradients of parameters every rank holds whole (after backward)."""
+def sum_grads(params: Sequence[nn.Parameter], sparse: bool = False) -> None:
+    """All-reduce (sum) the gradients of parameters every rank holds whole (after backward).
+
+    ``sparse`` (row-sparse gradients, ``sparse_user_grad``): the result is sparse over the
+    rows any rank touched, with their summed values, as one process's gradient would be."""
     for p in params:
         if not p.requires_grad:
             continue
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        elif p.grad.is_sparse:
-            p.grad = p.grad.to_dense()
-        dist.all_reduce(p.grad)
+        g = p.grad
+        if not sparse:
+            g = torch.zeros_like(p) if g is None else (g.to_dense() if g.is_sparse else g)
+            dist.all_reduce(g)
+            p.grad = g
+            continue
+        dense = torch.zeros_like(p)
+        touched = torch.zeros(p.shape[0], device=p.device, dtype=p.dtype)
+        if g is not None and g.is_sparse:
+            g = g.coalesce()
+            dense.index_add_(0, g.indices()[0], g.values())
+            touched[g.indices()[0]] = 1
+        elif g is not None:
+            dense += g
+            touched.fill_(1)
+        dist.all_reduce(dense)
+        dist.all_reduce(touched)
+        rows = touched.nonzero().squeeze(1)
+        p.grad = torch.sparse_coo_tensor(rows[None], dense[rows], tuple(p.shape), is_coalesced=True,
+                                         check_invariants=False)
 
 
 # -- sharded checkpoints ----------------------------------------------------------------------

@@ -75,9 +75,8 @@ class UserState:
 
 
 class _RouterRows(torch.autograd.Function):
-    """table[rows] with a dense gradient for the whole table, also when the gradient that
-    comes back is a sparse one (sparse_user_grad): the router table is small and synchronised
-    across processes, so it stays dense."""
+    """table[rows], whose gradient for the whole table is sparse over `rows` when the one
+    that comes back is sparse (sparse_user_grad), else dense."""
 
     @staticmethod
     def forward(ctx, table: Tensor, rows: Tensor) -> Tensor:
@@ -88,9 +87,12 @@ class _RouterRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         (rows,) = ctx.saved_tensors
+        shape = (ctx.num_rows,) + tuple(grad.shape[1:])
         if grad.is_sparse:
-            grad = grad.to_dense()
-        whole = grad.new_zeros((ctx.num_rows,) + tuple(grad.shape[1:]))
+            grad = grad.coalesce()
+            return torch.sparse_coo_tensor(rows[grad.indices()[0]][None], grad.values(), shape,
+                                           check_invariants=False).coalesce(), None
+        whole = grad.new_zeros(shape)
         return whole.index_add_(0, rows, grad), None
 
 

@@ -194,6 +194,7 @@ def train(
             replicated = distributed.wrap_fsdp(model, cfg.mixed_precision)
         else:
             forward = distributed.wrap(model)
+            replicated = distributed.user_routers(model)
         if ckpt_dir is not None:
             ckpt_dir = Path(ckpt_dir) / f"rank-{rank}-of-{world_size}"
     if ckpt_dir is not None:
@@ -255,7 +256,7 @@ def train(
             raise FloatingPointError(f"{desc}: the loss is {loss.item()} at step {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        distributed.sum_grads(replicated)  # FSDP: the user routers every rank holds whole
+        distributed.sum_grads(replicated, sparse)  # the user routers, which every rank holds whole
         opt.step()
         losses.append(shown.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}")

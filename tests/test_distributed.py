@@ -311,3 +311,42 @@ def test_checkpoints_of_another_number_of_processes_are_not_silently_ignored(tmp
     train(model, batch_at, TrainConfig(**{**CFG, "steps": 2}), tmp_path / "ckpt" / "rank-0-of-2")  # as rank 0 of 2 writes
     with pytest.raises(RuntimeError, match=r"another number of processes \(rank-0-of-2\)"):
         train(model, batch_at, TrainConfig(**CFG), tmp_path / "ckpt")
+
+
+SPARSE_WORKER = textwrap.dedent("""
+    import json, sys, torch, torch.distributed as dist
+    sys.path.insert(0, {tests!r})
+    from conftest import LLAMA, full_config
+    import proper
+    from proper.distributed import save_shard
+    from proper.trainer import TrainConfig, train
+    from test_distributed import batch_at, CFG
+    dist.init_process_group("gloo")
+    out, parallel = sys.argv[1], sys.argv[2]
+    torch.manual_seed(0)
+    model = proper.patch_model(LLAMA.build(), full_config(LLAMA.targets, sparse_user_grad=True, share_user_router=True))
+    losses = train(model, batch_at, TrainConfig(**CFG, parallel=parallel))
+    save_shard(model, f"{{out}}/rank-{{dist.get_rank()}}")
+    dist.destroy_process_group()
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_sparse_user_gradients_on_two_ranks_train_what_one_process_trains(tmp_path, parallel):
+    """sparse_user_grad (LazyAdamW) on 2 ranks: the bank shards' sparse gradients stay on their
+    rank, the user router's are summed as sparse rows; the adapters are one process's."""
+    script = tmp_path / "sparse.py"
+    script.write_text(SPARSE_WORKER.format(tests=str(TESTS)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script),
+                          str(tmp_path), parallel], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    torch.manual_seed(0)
+    one = proper.patch_model(LLAMA.build(), full_config(LLAMA.targets, sparse_user_grad=True, share_user_router=True))
+    train(one, batch_at, TrainConfig(**CFG))
+    want = adapter_state_dict(one)
+    got = proper.io._read(merge_shards([tmp_path / "rank-0", tmp_path / "rank-1"], tmp_path / "merged"))[1]
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5, msg=lambda m: f"{k}: {m}")
