@@ -7,7 +7,9 @@ user bank (``patch_model(..., shard=(rank, world))`` allocates just those; ``sha
 cuts a whole bank down to them). The group experts and routers are synchronised by
 ``torch.nn.parallel.DistributedDataParallel`` (gradients summed), or sharded by FSDP2
 (``TrainConfig(parallel="fsdp")``, ``wrap_fsdp``); the bank is left out of both, so its
-rows are never all-reduced. Each rank's loss is its sum of token losses over the number of
+rows are never all-reduced, and so are the user-aware router tables (E numbers a user),
+which every rank holds whole and whose gradients the trainer sums (``sum_grads``; sparse
+ones stay sparse). Each rank's loss is its sum of token losses over the number of
 label tokens of the whole global batch, so the summed gradients are those of one process
 training on the global batch. ``proper.trainer.train`` does all this when a process group is
 set up (``torchrun --nproc_per_node N``, ``accelerate launch --multi_gpu``), with one
