@@ -20,15 +20,7 @@ from pathlib import Path
 
 import torch
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from proper.bench import device_name
 
 
 def main(argv=None) -> int:
@@ -116,7 +108,7 @@ def main(argv=None) -> int:
     result = {
         "schema": "proper.bench_stage3/1",
         "date": dt.date.today().isoformat(),
-        "device": f"cpu: {cpu_name()}, {torch.get_num_threads()} threads",
+        "device": f"cpu: {device_name(torch.device('cpu'))}",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
                      "python": platform.python_version()},
         "settings": vars(args),

@@ -164,10 +164,12 @@ class _ProperLinear(torch.autograd.Function):
 
 def proper_linear(x, base_out, lora_A, lora_B, scaling, *, top_k, temperature=1.0, router_x=None,
                   router_user=None, router_h=None, user_ids=None, user_A=None, user_B=None,
-                  user_scaling=0.0, x_lora=None):
+                  user_scaling=0.0, x_lora=None, inplace=False, sparse_grad=False):
     """Same contract as proper_kernels.reference.proper_linear (the gates it returns carry no
     gradient; the logits do)."""
-    same_x = x_lora is None or x_lora is x
+    if sparse_grad:
+        raise ValueError("sparse_grad (sparse user-bank gradients) needs the torch backend")
+    same_x = x_lora is None or x_lora is x  # inplace: ignored, the kernels write a fresh output
     if user_A is not None and user_A.shape[1] == 0:
         user_A = user_B = None
     if user_A is None:

@@ -281,8 +281,8 @@ def proper_linear(
         user_B=user_B,
         user_scaling=float(user_scaling),
         x_lora=x_lora,
-        **({"inplace": True} if inplace and name == "torch" else {}),
-        **({"sparse_grad": True} if sparse_user_grad else {}),
+        inplace=inplace,
+        sparse_grad=sparse_user_grad,
     )
     _record("proper_linear", name)
     if checking:

@@ -169,3 +169,11 @@ def test_config_json_round_trip():
     assert proper.ProperConfig.from_json(cfg.to_json()) == cfg
     with pytest.raises(ValueError, match="unknown ProperConfig fields"):
         proper.ProperConfig.from_dict({"num_experts": 2, "bogus": 1})
+
+
+def test_kernel_backends_refuse_sparse_user_gradients():
+    from proper_kernels import triton_linear
+
+    x = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="needs the torch backend"):
+        triton_linear.proper_linear(x, x, torch.randn(1, 2, 8), torch.zeros(1, 8, 2), 1.0, top_k=1, sparse_grad=True)
