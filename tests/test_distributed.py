@@ -66,15 +66,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(tmp_path, worker: str, name: str, out) -> None:
+def torchrun(tmp_path, worker: str, name: str, out, *args: str) -> None:
     """Run `worker` (a template filled with the tests directory) on 2 gloo ranks, writing to `out`."""
     script = tmp_path / name
     script.write_text(worker.format(tests=str(TESTS)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), str(out)],
-                         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+                          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), str(out),
+                          *args], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+
+
+def merged_adapters(tmp_path) -> dict:
+    """The adapters the two ranks' shards (tmp_path/rank-0, rank-1) merge into."""
+    return proper.io._read(merge_shards([tmp_path / "rank-0", tmp_path / "rank-1"], tmp_path / "merged"))[1]
 
 
 def test_local_batches_partition_the_global_batch():
@@ -259,20 +264,13 @@ def test_fsdp_trains_the_adapters_one_process_trains(tmp_path, precision):
     """FSDP2 (fully_shard per decoder layer, the bank and the shared user router left out) on
     2 gloo ranks, stopped and resumed from its sharded checkpoints half way: fp32 reaches
     one process's adapters to 1e-5; bf16 compute (fp32 reduction) stays close to them."""
-    script = tmp_path / "fsdp.py"
-    script.write_text(FSDP_WORKER.format(tests=str(TESTS)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script),
-                          str(tmp_path), precision], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
-
+    torchrun(tmp_path, FSDP_WORKER, "fsdp.py", tmp_path, precision)
     torch.manual_seed(0)
     one = proper.patch_model(LLAMA.build(), full_config(LLAMA.targets, share_user_router=True))
     start = {k: v.detach().clone() for k, v in adapter_state_dict(one).items()}
     losses = train(one, batch_at, TrainConfig(**FSDP_CFG))
     want = adapter_state_dict(one)
-    got = proper.io._read(merge_shards([tmp_path / "rank-0", tmp_path / "rank-1"], tmp_path / "merged"))[1]
+    got = merged_adapters(tmp_path)
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
     assert got.keys() == want.keys()
     for r in ranks:  # FSDP shards the group experts and routers (and the frozen base), not the per-user tables
@@ -336,17 +334,11 @@ SPARSE_WORKER = textwrap.dedent("""
 def test_sparse_user_gradients_on_two_ranks_train_what_one_process_trains(tmp_path, parallel):
     """sparse_user_grad (LazyAdamW) on 2 ranks: the bank shards' sparse gradients stay on their
     rank, the user router's are summed as sparse rows; the adapters are one process's."""
-    script = tmp_path / "sparse.py"
-    script.write_text(SPARSE_WORKER.format(tests=str(TESTS)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script),
-                          str(tmp_path), parallel], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    torchrun(tmp_path, SPARSE_WORKER, "sparse.py", tmp_path, parallel)
     torch.manual_seed(0)
     one = proper.patch_model(LLAMA.build(), full_config(LLAMA.targets, sparse_user_grad=True, share_user_router=True))
     train(one, batch_at, TrainConfig(**CFG))
     want = adapter_state_dict(one)
-    got = proper.io._read(merge_shards([tmp_path / "rank-0", tmp_path / "rank-1"], tmp_path / "merged"))[1]
+    got = merged_adapters(tmp_path)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5, msg=lambda m: f"{k}: {m}")
