@@ -136,6 +136,8 @@ def wrap(model: nn.Module) -> nn.Module:
     # every name of a table shared by the layers: DDP looks each module's parameters up by name
     tables = bank_parameter_names(model) + [n for n, p in model.named_parameters(remove_duplicate=False)
                                             if id(p) in routers]
+    if not any(p.requires_grad for n, p in model.named_parameters(remove_duplicate=False) if n not in set(tables)):
+        return model  # only per-user tables train: nothing for DDP to synchronise
     DDP._set_params_and_buffers_to_ignore_for_model(model, tables)
     ddp = DDP(model, find_unused_parameters=False)
     ddp.register_comm_hook(None, _sum_hook)

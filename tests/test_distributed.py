@@ -342,3 +342,36 @@ def test_sparse_user_gradients_on_two_ranks_train_what_one_process_trains(tmp_pa
     got = merged_adapters(tmp_path)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5, msg=lambda m: f"{k}: {m}")
+
+
+ONLY_TABLES_WORKER = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    sys.path.insert(0, {tests!r})
+    from conftest import LLAMA, full_config
+    import proper
+    from proper.distributed import save_shard
+    from proper.trainer import TrainConfig, train
+    from test_distributed import batch_at, CFG, only_tables
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    model = proper.patch_model(LLAMA.build(), full_config(LLAMA.targets, router=("user",)))
+    train(model, batch_at, TrainConfig(**CFG), trainable=only_tables)
+    save_shard(model, f"{{sys.argv[1]}}/rank-{{dist.get_rank()}}")
+    dist.destroy_process_group()
+""")
+
+
+def only_tables(name: str) -> bool:
+    return name.endswith(("user_A", "user_B", "router_user"))
+
+
+@pytest.mark.slow
+def test_training_only_the_per_user_tables_on_two_ranks(tmp_path):
+    """Nothing left for DDP (the bank and the user router train alone): still one process's adapters."""
+    torchrun(tmp_path, ONLY_TABLES_WORKER, "tables.py", tmp_path)
+    torch.manual_seed(0)
+    one = proper.patch_model(LLAMA.build(), full_config(LLAMA.targets, router=("user",)))
+    train(one, batch_at, TrainConfig(**CFG), trainable=only_tables)
+    want, got = adapter_state_dict(one), merged_adapters(tmp_path)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5, msg=lambda m: f"{k}: {m}")
