@@ -20,11 +20,12 @@ Checkpoints are shards: rank r writes the shared tensors and the bank rows it ow
 ``load_adapters``) and ``split_adapters`` cuts full adapters into shards for another world
 size.
 
-Auxiliary losses: each rank adds 1/world of its load-balance loss, so the summed gradient is
-that of the mean of the ranks' balance over their own tokens (not the balance over the
-global batch); the distinctness loss, a function of the shared weights alone, gets exactly
-one process's gradient (1/world of it on each rank under DDP, whole under FSDP, where each
-rank's gradient goes to its own shard).
+Auxiliary losses get one process's gradients too: the load balance is that of the global
+batch (every layer's routing statistics summed over ranks in one differentiable all-reduce,
+``all_reduce_sum``; each rank adds 1/world of it), and the distinctness loss, a function of
+the shared weights alone, counts 1/world on each rank under DDP and whole under FSDP, where
+each rank's gradient goes to its own shard. (A rank that owns none of a batch's sequences
+runs one unscored sequence, whose tokens the load balance then counts.)
 """
 
 from __future__ import annotations
@@ -89,6 +90,13 @@ def sequence_nll(logits: Tensor, labels: Tensor) -> Tensor:
 def token_nll_sum(logits: Tensor, labels: Tensor) -> Tensor:
     """Summed next-token NLL over the label tokens (what a causal LM's loss averages)."""
     return sequence_nll(logits, labels).sum()
+
+
+def all_reduce_sum(t: Tensor) -> Tensor:
+    """The sum of `t` over ranks, differentiable (the backward sums the gradients too)."""
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(t)
 
 
 def bank_parameter_names(model: nn.Module) -> list[str]:

@@ -226,22 +226,35 @@ class ProperLinear(nn.Module):
 
     # -- auxiliary losses -------------------------------------------------------------
 
-    def load_balance_loss(self) -> Tensor:
-        """Switch-style balance over experts from the last training forward: E * sum_e f_e P_e.
-
-        f_e: the share of (token, slot) assignments that went to expert e; P_e: the mean
-        router probability of e. Equals 1 when routing is uniform; zero with one expert or
-        before any training forward.
-        """
+    def routing_stats(self) -> Optional[Tensor]:
+        """[2E + 1] from the last training forward: per expert the (token, slot) assignments it
+        got, per expert the summed router probability, and the number of tokens; None before
+        any training forward or with one expert. Sums, so the stats of several processes add
+        up to those of their joint batch."""
         if self._routing is None:
-            return torch.zeros((), device=self.lora_A.device, dtype=self.lora_A.dtype)
+            return None
         logits, _, indices = self._routing
         probs = torch.softmax(logits.float() / self.temperature, dim=-1)
         counts = torch.zeros(self.num_experts, device=logits.device).index_add_(
             0, indices.reshape(-1), torch.ones(indices.numel(), device=logits.device)
         )
-        f = counts / indices.numel()
-        return self.num_experts * (f * probs.mean(0)).sum()
+        tokens = torch.full((1,), float(probs.shape[0]), device=logits.device)
+        return torch.cat([counts, probs.sum(0), tokens])
+
+    def load_balance_loss(self, stats: Optional[Tensor] = None) -> Tensor:
+        """Switch-style balance over experts from the last training forward: E * sum_e f_e P_e.
+
+        f_e: the share of (token, slot) assignments that went to expert e; P_e: the mean
+        router probability of e. Equals 1 when routing is uniform; zero with one expert or
+        before any training forward. ``stats``: ``routing_stats()`` to use instead of this
+        layer's own (summed over processes, for the balance of the global batch).
+        """
+        stats = self.routing_stats() if stats is None else stats
+        if stats is None:
+            return torch.zeros((), device=self.lora_A.device, dtype=self.lora_A.dtype)
+        E = self.num_experts
+        counts, prob_sum, tokens = stats[:E], stats[E:2 * E], stats[2 * E]
+        return E * ((counts / (tokens * self.top_k)) * (prob_sum / tokens)).sum()
 
     def distinctness_loss(self) -> Tensor:
         """Mean squared cosine similarity between different experts' A (and B) matrices.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -242,10 +242,20 @@ def user_context(model: nn.Module, user_ids: Union[Tensor, Sequence[int]]) -> It
         patch.state.user_ids = previous
 
 
-def aux_losses(model: nn.Module) -> dict[str, Tensor]:
+def aux_losses(model: nn.Module, reduce: Optional[Callable[[Tensor], Tensor]] = None) -> dict[str, Tensor]:
     """Mean over layers of the load-balance loss (from the last training forward) and of
-    the expert distinctness loss, for the trainer to weight and add."""
+    the expert distinctness loss, for the trainer to weight and add.
+
+    ``reduce``: sums a tensor over processes, differentiably (the trainer passes
+    ``torch.distributed.nn.functional.all_reduce``): the load balance is then that of the
+    global batch, from every layer's routing statistics summed in one call."""
     layers = list(_patch_of(model).layers.values())
-    balance = torch.stack([l.load_balance_loss().float() for l in layers]).mean()
-    distinct = torch.stack([l.distinctness_loss().float() for l in layers]).mean()
+    stats = [layer.routing_stats() for layer in layers]
+    if reduce is not None and any(s is not None for s in stats):
+        sizes = [0 if s is None else s.numel() for s in stats]
+        summed = reduce(torch.cat([s for s in stats if s is not None])).split([n for n in sizes if n])
+        it = iter(summed)
+        stats = [None if n == 0 else next(it) for n in sizes]
+    balance = torch.stack([layer.load_balance_loss(s).float() for layer, s in zip(layers, stats)]).mean()
+    distinct = torch.stack([layer.distinctness_loss().float() for layer in layers]).mean()
     return {"load_balance": balance, "distinctness": distinct}

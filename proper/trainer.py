@@ -245,11 +245,12 @@ def train(
                 out = model(**batch)
             loss = shown = out.loss
         if cfg.load_balance or cfg.distinctness:
-            aux = aux_losses(model)
-            # several ranks: gradients are summed, so each rank adds 1/world of its load-balance
-            # loss (the mean of the ranks' balance over their own tokens) and, under DDP, of the
-            # distinctness loss (a function of the shared weights: exactly its gradient). Under
-            # FSDP each rank reads the sharded weights whole and gets its part's gradient once.
+            aux = aux_losses(model, reduce=distributed.all_reduce_sum if world_size > 1 else None)
+            # several ranks: gradients are summed. Every rank computes the same global load
+            # balance (routing statistics all-reduced, whose backward sums the ranks' upstream
+            # gradients) and adds 1/world of it; under DDP 1/world of the distinctness loss too
+            # (a function of the shared weights). Under FSDP each rank reads the sharded weights
+            # whole and its gradient lands on its own shard: the whole loss, once.
             loss = (loss + cfg.load_balance * aux["load_balance"] / world_size
                     + cfg.distinctness * aux["distinctness"] / (1 if replicated_aux else world_size))
         if not torch.isfinite(loss):
