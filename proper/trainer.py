@@ -181,6 +181,8 @@ def train(
     if cfg.mixed_precision not in (None, *distributed.MIXED_PRECISION):
         raise ValueError(f"TrainConfig.mixed_precision must be None or one of {sorted(distributed.MIXED_PRECISION)}, "
                          f"got {cfg.mixed_precision!r}")
+    if ckpt_dir is not None:
+        _check_world(Path(ckpt_dir), world_size)  # before anything changes the model
     if world_size > 1 and is_patched(model) and any(l.user_A is not None for l in proper_layers(model).values()):
         distributed.shard_bank(model, rank, world_size)  # before the optimizer sees the bank
     sharded = is_patched(model) and bank_shard(model) is not None
@@ -197,8 +199,6 @@ def train(
             replicated = distributed.user_routers(model)
         if ckpt_dir is not None:
             ckpt_dir = Path(ckpt_dir) / f"rank-{rank}-of-{world_size}"
-    if ckpt_dir is not None:
-        _check_world(Path(ckpt_dir).parent if world_size > 1 else Path(ckpt_dir), world_size)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("nothing to train: no adapter parameter is trainable")
@@ -220,11 +220,11 @@ def train(
             _load_optimizer(opt, tensors, meta["optimizer"])
             _restore_rng(tensors)
             start, losses = meta["step"], meta["losses"]
-    replicated_aux = world_size > 1 and cfg.parallel == "fsdp"
+    fsdp = world_size > 1 and cfg.parallel == "fsdp"
     device = next(model.parameters()).device
     # mixed precision: FSDP's policy, else autocast (the adapters' parameters stay float32)
     autocast = (torch.autocast(device.type, dtype=distributed.MIXED_PRECISION[cfg.mixed_precision])
-                if cfg.mixed_precision and not replicated_aux else contextlib.nullcontext())
+                if cfg.mixed_precision and not fsdp else contextlib.nullcontext())
     model.train()
     # disable=None: bars on a terminal only, not in logs and CI output
     bar = tqdm(range(start, cfg.steps), desc=desc, disable=None if cfg.progress else True, initial=start,
@@ -252,7 +252,7 @@ def train(
             # (a function of the shared weights). Under FSDP each rank reads the sharded weights
             # whole and its gradient lands on its own shard: the whole loss, once.
             loss = (loss + cfg.load_balance * aux["load_balance"] / world_size
-                    + cfg.distinctness * aux["distinctness"] / (1 if replicated_aux else world_size))
+                    + cfg.distinctness * aux["distinctness"] / (1 if fsdp else world_size))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{desc}: the loss is {loss.item()} at step {step}")
         opt.zero_grad(set_to_none=True)
