@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ._fs import atomic_write, atomic_write_text
 from .config import ProperConfig
-from .layer import BANK_PARAMS, owned_rows
+from .layer import BANK_PARAMS, owned_rows, whole
 from .patching import _patch_of, is_patched, patch_model, unpatch
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -69,11 +69,6 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
             else:
                 out[f"{name}.{pname}"] = p
     return out
-
-
-def whole(t: Tensor) -> Tensor:
-    """A parameter's whole value; for one sharded by FSDP this is a collective (every rank calls it)."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def copy_into(p: Tensor, value: Tensor) -> None:

@@ -19,6 +19,11 @@ ADAPTER_PARAMS = ("lora_A", "lora_B", "router_x", "router_user", "router_h", "us
 BANK_PARAMS = ("user_A", "user_B")  # the per-user LoRA bank: the tables a process may hold a shard of
 
 
+def whole(t: Tensor) -> Tensor:
+    """A parameter's whole value; for one sharded by FSDP this is a collective (every rank calls it)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def owned_rows(num_rows: int, rank: int, world_size: int) -> Tensor:
     """The user rows rank `rank` of `world_size` owns: u % world_size == rank, ascending."""
     return torch.arange(rank, num_rows, world_size)
@@ -266,8 +271,7 @@ class ProperLinear(nn.Module):
             return torch.zeros((), device=self.lora_A.device, dtype=self.lora_A.dtype)
         total = torch.zeros((), device=self.lora_A.device)  # a plain tensor, also under FSDP
         for w in (self.lora_A, self.lora_B):
-            if hasattr(w, "full_tensor"):  # FSDP: sharded after forward; every rank reads it whole
-                w = w.full_tensor()
+            w = whole(w)  # FSDP: sharded again after forward; every rank reads it whole
             v = F.normalize(w.reshape(E, -1).float(), dim=1, eps=1e-12)
             gram = v @ v.t()
             off = gram - torch.diag_embed(torch.diagonal(gram))
