@@ -5,12 +5,22 @@
   stage 2  group: E LoRA experts with the user-aware router (R[u]; optionally the token
            router), trained with the load-balance and expert-distinctness losses, on
            batches drawn uniformly over records. One router table serves every layer, so a
-           user's group is one expert index. The router is trained by gradient and, early in
-           the stage, by hard assignment steps (hard EM, as in clustered federated learning):
-           every ``group_assign_every`` steps each user is routed to the expert under which
-           their own training records are most likely. Users start from a seeded random
-           assignment; with ``group_restarts > 1``, several starts are tried for
-           ``group_restart_steps`` steps and the one with the lowest loss is kept.
+           user's group is one expert index. Finding the groups is a clustering problem,
+           and gradient descent on R alone is a poor way to solve it: from a random start
+           it often lets one expert hold two groups while another starves. So R is set by
+           hard assignment (hard EM, as in clustered federated learning / IFCA):
+             - start: every user with records is put in a group by weighted k-means++ over
+               sketches of the gradients their records put on the stage-2 starting model
+               (``proper.grouping``; ``group_init="features"``), or at random;
+             - ``group_assignments`` times, evenly spaced over the first
+               ``group_assign_until`` of the stage (a fraction, so a short stage gets them
+               too), each user moves to the expert under which their own recent records
+               are most likely: R[u] = strength * one_hot(expert);
+             - with ``group_restarts > 1``, several starts (other k-means seeds and expert
+               initialisations) train ``group_restart_steps`` steps each, and the one with
+               the lowest loss is kept.
+           Between and after assignments R trains by gradient too. At top_k=1 the gate is 1
+           and R gets no gradient, so there the assignments alone set it.
   stage 3  user: every user's LoRA in the bank plus the LoRA-aware router (W_h h_u), all
            users at once in mixed-user batches; the group experts and R stay as stage 2
            left them (frozen).
@@ -26,7 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -36,11 +46,13 @@ from .config import ProperConfig
 from .io import SHARED_ROUTER_KEY, _read, load_adapters, save_adapters
 from . import distributed
 from .data import Encoded, pad_encoded
+from .grouping import initial_groups
 from .patching import merge, patch_model, proper_layers, user_context
 from .plots import plot_losses, plot_routing
 from .trainer import TrainConfig, latest_checkpoint, train
 
 STAGES = (1, 2, 3)
+GROUP_INITS = ("features", "random")
 FORCE_LOGIT = 30.0  # a router logit that puts (nearly) all of a token's gate on one expert
 
 
@@ -61,8 +73,10 @@ class PipelineConfig:
     token_router: bool = False  # stage 2 routes on the user alone (PROPER); True adds W_x x
     temperature: float = 1.0  # router softmax temperature of stages 2 and 3
     share_user_router: bool = True  # one R for all layers: a user's group is one expert index
-    group_assign_every: int = 50  # stage 2 hard assignment steps (0: the router learns by gradient alone)
-    group_assign_until: float = 0.75  # ... during this fraction of the stage-2 steps
+    group_init: str = "features"  # stage 2's first assignment: "features" (k-means++, proper.grouping) | "random"
+    group_assignments: int = 8  # stage 2 hard assignment steps (0: none; the router learns by gradient alone)
+    group_assign_until: float = 0.75  # ... evenly spaced over this fraction of the stage-2 steps
+    group_split_merge: bool = True  # assignment steps may split one expert and merge two (split_merge_move)
     group_assign_strength: float = 3.0  # R[u] = strength * one_hot(expert) after an assignment
     group_assign_records: int = 16  # the most recent records per user an assignment looks at
     group_restarts: int = 1  # random starts of the assignment tried, the lowest loss kept
@@ -70,11 +84,13 @@ class PipelineConfig:
     train: dict[int, TrainConfig] = field(default_factory=lambda: {s: TrainConfig() for s in STAGES})
 
     def __post_init__(self) -> None:
-        for name, low in (("group_assign_every", 0), ("group_assign_records", 1), ("group_restarts", 1),
+        for name, low in (("group_assignments", 0), ("group_assign_records", 1), ("group_restarts", 1),
                           ("group_restart_steps", 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"PipelineConfig.{name} must be an integer >= {low}, got {v!r}")
+        if self.group_init not in GROUP_INITS:
+            raise ValueError(f"PipelineConfig.group_init must be one of {GROUP_INITS}, got {self.group_init!r}")
         if not 0.0 <= self.group_assign_until <= 1.0:
             raise ValueError(f"PipelineConfig.group_assign_until must be in [0, 1], got {self.group_assign_until!r}")
         if not 0.0 < self.group_assign_strength < FORCE_LOGIT:
@@ -211,49 +227,151 @@ def set_assignment(model: nn.Module, rows: Tensor, experts: Tensor, strength: fl
         t[rows.to(t.device), experts.to(t.device)] = strength
 
 
-def assign_groups(model: nn.Module, records: Sequence[Encoded], pad_id: int, strength: float) -> tuple[Tensor, float]:
+class Assignment(NamedTuple):
+    experts: Tensor  # [num_users] the expert of each user, -1 for a user without records
+    nll: float  # the total NLL of the records under the likeliest experts (before any move)
+    moved: bool  # a split-and-merge move was made
+
+
+def assign_groups(model: nn.Module, records: Sequence[Encoded], pad_id: int, strength: float,
+                  split_merge: bool = False, seed: int = 0) -> Assignment:
     """One hard assignment step: route every user with records to the expert under which those
-    records are most likely. Returns (expert per user, -1 without records; the total NLL)."""
+    records are most likely (with `split_merge`, after a split-and-merge move when one pays:
+    :func:`split_merge_move`)."""
     losses = expert_losses(model, records, pad_id)
     rows = _record_rows(records)
     best = losses[rows].min(-1)
-    set_assignment(model, rows, best.indices, strength)
-    experts = torch.full((losses.shape[0],), -1, dtype=torch.long)
-    experts[rows] = best.indices
-    return experts, float(best.values.sum())
+    experts, moved = best.indices, False
+    if split_merge:
+        experts = split_merge_move(model, records, pad_id, losses, rows, experts, seed)
+        moved = not torch.equal(experts, best.indices)
+    set_assignment(model, rows, experts, strength)
+    out = torch.full((losses.shape[0],), -1, dtype=torch.long)
+    out[rows] = experts
+    return Assignment(out, float(best.values.sum()), moved)
 
 
-def _random_assignment(model: nn.Module, records: Sequence[Encoded], seed: int, strength: float) -> None:
+def split_merge_move(model: nn.Module, records: Sequence[Encoded], pad_id: int, losses: Tensor, rows: Tensor,
+                     experts: Tensor, seed: int = 0) -> Tensor:
+    """Hard EM's usual dead end, repaired (split-and-merge EM, Ueda et al. 2000): two experts
+    serve one group while a third holds two. Let L[u, e] be user u's NLL under expert e.
+
+    - merge: the pair (i, j) whose users lose least, per record, when one side joins the
+      other (a starved expert, with no user, costs nothing);
+    - split: the expert s whose users have the highest NLL in all (a mixture of groups is
+      big and fits neither). Its excess is its NLL per record minus the other experts' mean.
+
+    When the merge costs less than a third of the split's excess per record, the merged
+    side's expert is freed, takes a copy of s's weights, and half of s's users: the second cluster of a
+    2-means over their gradient sketches under s (``proper.grouping``), where two groups pull
+    in opposite directions. Training and the later assignment steps then settle the users.
+    Returns the (possibly new) expert of each of `rows`; `model` changes only if a move is
+    made."""
+    E = losses.shape[1]
+    if E < 3:
+        return experts
+    n_rec = torch.zeros(losses.shape[0], dtype=torch.float64)
+    for r in records:
+        n_rec[r.user_row] += 1
+    L, w = losses[rows], n_rec[rows]
+    own = L.gather(1, experts[:, None]).squeeze(1)
+    mass = torch.zeros(E, dtype=torch.float64).index_add_(0, experts, w)
+    nll = torch.zeros(E, dtype=torch.float64).index_add_(0, experts, own)
+    per_record = torch.where(mass > 0, nll / mass.clamp(min=1), torch.zeros_like(nll))
+    split = int(nll.argmax())
+    others = [e for e in range(E) if e != split and mass[e] > 0]
+    if not others or (experts == split).sum() < 2:
+        return experts
+    excess = float(per_record[split] - per_record[others].mean())
+    best_cost, freed, into = float("inf"), -1, -1
+    for i in range(E):
+        for j in range(E):
+            if split in (i, j) or i == j:
+                continue
+            moved = experts == j  # j's users join i, j is freed
+            cost = float((L[moved, i] - L[moved, j]).sum()) / max(float(mass[i] + mass[j]), 1.0)
+            if cost < best_cost:
+                best_cost, freed, into = cost, j, i
+    if freed < 0 or not best_cost < excess / 3:
+        return experts
+    experts = experts.clone()
+    experts[experts == freed] = into
+    mine = (experts == split).nonzero().squeeze(1)
+    mine_rows = set(rows[mine].tolist())
+    halves_rows, halves = initial_groups(model, [r for r in records if r.user_row in mine_rows], pad_id,
+                                         losses.shape[0], 2, seed=seed)
+    if halves.unique().numel() < 2:
+        return experts
+    position = {int(r): i for i, r in enumerate(rows.tolist())}
+    for r, h in zip(halves_rows.tolist(), halves.tolist()):
+        if h == 1:
+            experts[position[r]] = freed
+    with torch.no_grad():
+        for layer in proper_layers(model).values():
+            for t in (layer.lora_A, layer.lora_B, layer.router_x):
+                if t is None:
+                    continue
+                if hasattr(t, "full_tensor"):  # sharded by FSDP: every rank edits the whole, keeps its part
+                    from torch.distributed.tensor import distribute_tensor
+
+                    full = t.full_tensor()
+                    full[freed] = full[split]
+                    t.copy_(distribute_tensor(full, t.device_mesh, t.placements))
+                else:
+                    t[freed] = t[split]
+    return experts
+
+
+def assignment_steps(steps: int, count: int, until: float) -> set[int]:
+    """The steps (1-based) after which a hard assignment runs: `count` of them, evenly spaced
+    over the first `until` of `steps` steps (fewer if that span is shorter)."""
+    span = int(until * steps)
+    count = min(count, span)
+    return {round(span * (i + 1) / count) for i in range(count)} if count > 0 else set()
+
+
+def _initial_assignment(model: nn.Module, records: Sequence[Encoded], pad_id: int, cfg: "PipelineConfig",
+                        seed: int) -> None:
     rows = _record_rows(records)
     E = _user_routers(model)[0].shape[1]
-    g = torch.Generator().manual_seed(seed)
-    set_assignment(model, rows, torch.randint(0, E, (len(rows),), generator=g), strength)
+    if cfg.group_init == "features":
+        rows, experts = initial_groups(model, records, pad_id, cfg.num_users, E, seed=seed)
+    else:
+        experts = torch.randint(0, E, (len(rows),), generator=torch.Generator().manual_seed(seed))
+    set_assignment(model, rows, experts, cfg.group_assign_strength)
 
 
-def _assign_hook(model, records, pad_id, cfg: "PipelineConfig", until: int):
-    every = cfg.group_assign_every
+def _assign_hook(model, records, pad_id, cfg: "PipelineConfig", steps: int):
+    at = assignment_steps(steps, cfg.group_assignments, cfg.group_assign_until)
+
+    # moves in the first half of the assignments only, never two in a row: the experts need
+    # training between a move and the assignments that judge it
+    movable = set(sorted(at)[: len(at) // 2])
+    moved = [False]
 
     def on_step(step: int, loss: float) -> None:
-        if every > 0 and (step + 1) % every == 0 and step + 1 <= until:
-            assign_groups(model, records, pad_id, cfg.group_assign_strength)
+        if step + 1 in at:
+            split_merge = cfg.group_split_merge and step + 1 in movable and not moved[0]
+            moved[0] = assign_groups(model, records, pad_id, cfg.group_assign_strength, split_merge=split_merge,
+                                     seed=step).moved
 
     return on_step
 
 
 def _stage2_start(build_base, batch_at, out: Path, cfg: "PipelineConfig", tcfg: TrainConfig,
                   records: Sequence[Encoded], pad_id: int) -> nn.Module:
-    """The stage-2 model to train: a seeded random assignment, or the best of several."""
+    """The stage-2 model to train: its first assignment, or the best of several starts."""
     best, best_loss = None, float("inf")
     for r in range(cfg.group_restarts):
         torch.manual_seed(tcfg.seed * 7919 + r)  # each start has its own expert initialisation
         model = build_stage_model(build_base, out, cfg, 2)
-        _random_assignment(model, records, tcfg.seed * 7919 + r, cfg.group_assign_strength)
+        _initial_assignment(model, records, pad_id, cfg, tcfg.seed * 7919 + r)
         if cfg.group_restarts == 1:
             return model
         short = replace(tcfg, steps=cfg.group_restart_steps)
         train(model, batch_at, short, None, on_step=_assign_hook(model, records, pad_id, cfg, short.steps),
               desc=f"stage 2 start {r + 1}/{cfg.group_restarts}")
-        _, loss = assign_groups(model, records, pad_id, cfg.group_assign_strength)
+        loss = assign_groups(model, records, pad_id, cfg.group_assign_strength).nll
         if loss < best_loss:
             best, best_loss = model, loss
     return best
@@ -270,8 +388,8 @@ def run_stage(build_base: Callable[[], nn.Module], batch_at: Callable[[int], dic
               pad_id: Optional[int] = None) -> list[float]:
     """Train one stage (resuming its checkpoint) and save its final adapters.
 
-    ``records``/``pad_id`` (the encoded training split and the pad token id) are needed by the
-    hard assignment steps of stage 2 (``cfg.group_assign_every > 0``)."""
+    ``records``/``pad_id`` (the encoded training split and the pad token id) are needed by
+    stage 2's assignment of users to groups (``cfg.group_assignments > 0``)."""
     for earlier in range(1, stage):
         if not is_done(out, earlier):
             raise RuntimeError(f"stage {stage} needs stage {earlier} first (no {stage_dir(out, earlier) / 'final'})")
@@ -282,10 +400,10 @@ def run_stage(build_base: Callable[[], nn.Module], batch_at: Callable[[int], dic
         tcfg = TrainConfig(**{**tcfg.__dict__, "load_balance": 0.0, "distinctness": 0.0})
     ckpt_dir = stage_dir(out, stage) / "checkpoints"
     on_step = None
-    if stage == 2 and cfg.group_assign_every > 0:
+    if stage == 2 and cfg.group_assignments > 0:
         if records is None or pad_id is None:
             raise ValueError("stage 2 assigns users to groups from their records: pass records= (the encoded "
-                             "training split) and pad_id=, or set PipelineConfig.group_assign_every=0")
+                             "training split) and pad_id=, or set PipelineConfig.group_assignments=0")
         if not records:
             raise ValueError("records is empty: stage 2 has no training record to assign users by")
         records = recent_records([r for r in records if r.user_row >= 0], cfg.group_assign_records)
@@ -295,7 +413,7 @@ def run_stage(build_base: Callable[[], nn.Module], batch_at: Callable[[int], dic
             model = _stage2_start(build_base, batch_at, out, cfg, tcfg, records, pad_id)
         else:  # resuming: the checkpoint holds the assignment
             model = build_stage_model(build_base, out, cfg, stage)
-        on_step = _assign_hook(model, records, pad_id, cfg, int(cfg.group_assign_until * tcfg.steps))
+        on_step = _assign_hook(model, records, pad_id, cfg, tcfg.steps)
     else:
         model = build_stage_model(build_base, out, cfg, stage)
     losses = train(model, batch_at, tcfg, ckpt_dir, trainable=_trainable(stage), on_step=on_step,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -31,6 +32,18 @@ from .patching import aux_losses, bank_shard, is_patched, proper_layers, user_co
 
 LATEST = "latest"
 PARALLEL = ("ddp", "fsdp")
+SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(cfg: "TrainConfig", step: int) -> float:
+    """The learning rate of `step` (0-based) relative to cfg.lr."""
+    if cfg.schedule == "constant":
+        return 1.0
+    warm = int(cfg.warmup * cfg.steps)
+    if step < warm:
+        return (step + 1) / warm
+    span = max(cfg.steps - warm, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / span))
 
 
 @dataclass
@@ -44,6 +57,11 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     router_lr_scale: float = 1.0  # the routers' learning rate is lr times this
+    # learning-rate schedule over the run: "constant", or "cosine" (linear warm-up over the
+    # first `warmup` fraction of the steps, then a cosine decay to 0). A function of the step
+    # alone, so a resumed run follows it exactly.
+    schedule: str = "constant"
+    warmup: float = 0.0
     # several processes (torchrun): "ddp" (DistributedDataParallel) or "fsdp" (FSDP2,
     # fully_shard); the user bank is sharded by user either way (proper.distributed)
     parallel: str = "ddp"
@@ -178,6 +196,10 @@ def train(
     rank, world_size = distributed.world()
     if cfg.parallel not in PARALLEL:
         raise ValueError(f"TrainConfig.parallel must be one of {PARALLEL}, got {cfg.parallel!r}")
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"TrainConfig.schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
+    if not 0.0 <= cfg.warmup < 1.0:
+        raise ValueError(f"TrainConfig.warmup must be in [0, 1), got {cfg.warmup!r}")
     if cfg.mixed_precision not in (None, *distributed.MIXED_PRECISION):
         raise ValueError(f"TrainConfig.mixed_precision must be None or one of {sorted(distributed.MIXED_PRECISION)}, "
                          f"got {cfg.mixed_precision!r}")
@@ -210,6 +232,7 @@ def train(
     sparse = is_patched(model) and any(layer.sparse_user_grad for layer in proper_layers(model).values())
     # sparse user-bank gradients: optimizer state only for the users seen (proper.optim)
     opt = (LazyAdamW if sparse else torch.optim.AdamW)(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    base_lrs = [group["lr"] for group in opt.param_groups]  # before a checkpoint's scheduled ones load
     start, losses = 0, []
     if ckpt_dir is not None:
         ckpt = latest_checkpoint(Path(ckpt_dir))
@@ -230,6 +253,8 @@ def train(
     bar = tqdm(range(start, cfg.steps), desc=desc, disable=None if cfg.progress else True, initial=start,
                total=cfg.steps)
     for step in bar:
+        for group, lr in zip(opt.param_groups, base_lrs):
+            group["lr"] = lr * lr_factor(cfg, step)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch_at(step).items()}
         if world_size > 1:
             batch, n_global = distributed.local_batch(batch, rank, world_size)

@@ -152,7 +152,7 @@ def stage_config():
 
     tc = TrainConfig(**{**CFG, "steps": 3})
     return PipelineConfig(num_users=NUM_USERS, target_modules=LLAMA.targets, num_experts=3, top_k=2, rank=4,
-                          user_rank=2, train={1: tc, 2: tc, 3: tc}, group_assign_every=2)
+                          user_rank=2, train={1: tc, 2: tc, 3: tc}, group_assignments=2)
 
 
 def stage_records():

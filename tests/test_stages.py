@@ -43,7 +43,7 @@ def records(n_per_user=(3, 1, 0, 2, 5), seed=0):
 def test_stages_chain_and_resume(tmp_path, restarts):
     tc = TrainConfig(steps=3, lr=1e-2, save_every=2, progress=False)
     cfg = PipelineConfig(num_users=NUM_USERS, target_modules=LLAMA.targets, num_experts=4, top_k=2, rank=4,
-                         user_rank=2, train={1: tc, 2: tc, 3: tc}, group_assign_every=2, group_restarts=restarts,
+                         user_rank=2, train={1: tc, 2: tc, 3: tc}, group_assignments=2, group_restarts=restarts,
                          group_restart_steps=2)
     with pytest.raises(RuntimeError, match="needs stage 1 first"):
         run_stage(LLAMA.build, batch_at, tmp_path, cfg, 2, records=records(), pad_id=0)
@@ -76,7 +76,7 @@ def test_stages_chain_and_resume(tmp_path, restarts):
 def test_stage2_shares_one_user_router_and_assigns_users_by_their_records(tmp_path):
     tc = TrainConfig(steps=2, lr=1e-2, save_every=2, progress=False)
     cfg = PipelineConfig(num_users=NUM_USERS, target_modules=LLAMA.targets, num_experts=3, top_k=2, rank=4,
-                         train={1: tc, 2: tc, 3: tc}, group_assign_every=0)
+                         train={1: tc, 2: tc, 3: tc}, group_assignments=0)
     run_stage(LLAMA.build, batch_at, tmp_path, cfg, 1)
     model = build_stage_model(LLAMA.build, tmp_path, cfg, 2)
     layers = list(proper.proper_layers(model).values())
@@ -104,7 +104,7 @@ def test_stage2_shares_one_user_router_and_assigns_users_by_their_records(tmp_pa
     assert torch.equal(losses[2], torch.zeros(3, dtype=torch.float64))  # no records
     assert torch.equal(layers[0].router_user, saved)  # the router is put back
 
-    experts, total_nll = assign_groups(model, recs, pad_id=0, strength=3.0)
+    experts, total_nll, moved = assign_groups(model, recs, pad_id=0, strength=3.0)
     seen = [0, 1, 3, 4]
     assert experts.tolist()[2] == -1 and experts.tolist()[5:] == [-1] * (NUM_USERS - 5)
     assert experts[seen].tolist() == losses[seen].argmin(-1).tolist()
@@ -137,7 +137,7 @@ def test_recent_records_keeps_the_last_ones_per_user():
         recent_records(recs, 0)
 
 
-@pytest.mark.parametrize("field,value", [("group_assign_every", -1), ("group_restarts", 0),
+@pytest.mark.parametrize("field,value", [("group_assignments", -1), ("group_restarts", 0),
                                          ("group_assign_until", 1.5), ("group_assign_strength", 0.0),
                                          ("group_assign_records", 0), ("group_restart_steps", 0)])
 def test_pipeline_config_refuses_bad_assignment_settings(field, value):
