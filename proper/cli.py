@@ -4,7 +4,7 @@
     proper train --model PATH --data FILE --out DIR [--stages 1,2,3]
     proper eval --model PATH --data FILE --out DIR [--stage 3]
     proper generate --model PATH --out DIR --user ID --prompt TEXT [--stage 3]
-    proper export --model PATH --out DIR --user ID --format peft --dest DIR [--stage 3]
+    proper export --model PATH --out DIR --user ID --format peft --dest DIR [--stage N]
     proper bench [--device cpu|cuda] [--quick] [--out DIR]   speed and memory against peft
 
 `--model` is a Hugging Face causal LM directory (loaded offline with its tokenizer); `--out`
@@ -20,6 +20,10 @@ import json
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
+
+
+class CliError(Exception):
+    """A refused command: its message is printed as one line, without a traceback."""
 
 
 def _model_loader(path: str):
@@ -139,18 +143,52 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _export_stage(out: Path, asked: Optional[int]) -> int:
+    """The stage to export: `asked`, or the latest finished stage with an exact PEFT LoRA
+    (said on stderr). Raises CliError, saying why and which stage to use, otherwise."""
+    from .export import inexact_reason
+    from .io import load_config
+    from .stages import STAGES, is_done, stage_dir
+
+    done = [s for s in STAGES if is_done(out, s)]
+    exact = [s for s in done if inexact_reason(load_config(stage_dir(out, s) / "final")) is None]
+    if asked is not None:
+        if asked not in STAGES:
+            raise CliError(f"--stage must be one of {', '.join(map(str, STAGES))}, got {asked}")
+        if asked not in done:
+            raise CliError(f"stage {asked} is not trained in {out} (no {stage_dir(out, asked) / 'final'}); "
+                           f"run `proper train` first")
+        reason = inexact_reason(load_config(stage_dir(out, asked) / "final"))
+        if reason is not None:
+            hint = f"export --stage {exact[-1]} instead" if exact else "no finished stage of this run exports exactly"
+            raise CliError(f"stage {asked} has no exact PEFT export: {reason}; {hint}")
+        return asked
+    if not exact:
+        raise CliError(f"no finished stage in {out} has an exact PEFT export"
+                       + ("" if done else " (no stage is trained yet: run `proper train` first)"))
+    later = [s for s in done if s > exact[-1]]
+    why = f" (stage {later[0]}: {inexact_reason(load_config(stage_dir(out, later[0]) / 'final'))})" if later else ""
+    print(f"proper export: exporting stage {exact[-1]}, the latest stage with an exact PEFT export{why}",
+          file=sys.stderr)
+    return exact[-1]
+
+
 def cmd_export(args) -> int:
     from .data import UserIndex
     from .export import export_peft
     from .stages import load_stage
 
     if args.format != "peft":
-        raise SystemExit(f"proper export: --format must be 'peft', got {args.format!r}")
+        raise CliError(f"--format must be 'peft', got {args.format!r}")
     out = Path(args.out)
+    stage = _export_stage(out, args.stage)
     build, _ = _model_loader(args.model)
     users = UserIndex.load(out / "users.json")
-    row = users.row(users.parse(args.user))
-    model = load_stage(build, out, args.stage)
+    try:
+        row = users.row(users.parse(args.user))
+    except KeyError as e:
+        raise CliError(f"--user: {e.args[0]}") from None
+    model = load_stage(build, out, stage)
     print(export_peft(model, row, args.dest))
     return 0
 
@@ -219,13 +257,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--user", required=True)
     p.add_argument("--format", default="peft")
     p.add_argument("--dest", required=True)
-    p.add_argument("--stage", type=int, default=3)
+    p.add_argument("--stage", type=int, default=None,
+                   help="the stage to export (default: the latest one with an exact PEFT export)")
     p.set_defaults(func=cmd_export)
 
     sub.add_parser("bench", help="speed and memory against peft (proper bench --help)")
 
     args = ap.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except CliError as e:
+        print(f"proper {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

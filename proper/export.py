@@ -10,6 +10,13 @@ with PEFT's scaling lora_alpha / r = s_g. The directory is made by peft itself
 (``get_peft_model`` + ``save_pretrained``), so ``PeftModel.from_pretrained`` loads it.
 With a token router or the LoRA-aware router the gates change from token to token and no
 exact LoRA exists: export refuses, saying so.
+
+Stages 2 and 3 train on a base with stage 1's population LoRA merged into its weights, but
+adapter_config.json names the original model, onto which peft loads the adapter. So the
+LoRAs that :func:`proper.merge` folded in (``proper.patching.merged_loras``) are folded
+back in here, as more rank: [A; A_1] and [B, (s_1 / s_g) B_1]. Every module gets the same
+rank (zero blocks where a part is missing), and the export onto the original model gives
+the patched model's outputs.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -26,7 +33,7 @@ from torch import Tensor
 from proper_kernels import reference
 
 from .layer import ProperLinear, is_conv1d
-from .patching import _patch_of, unpatch
+from .patching import _patch_of, merged_loras, unpatch
 
 
 def _user_gates(layer: ProperLinear, user: int) -> tuple[Tensor, Tensor]:
@@ -42,6 +49,16 @@ def _user_gates(layer: ProperLinear, user: int) -> tuple[Tensor, Tensor]:
 
 def _token_dependent(layer: ProperLinear) -> bool:
     return layer.num_experts > 1 and (layer.router_x is not None or layer.router_h is not None)
+
+
+def inexact_reason(config) -> Optional[str]:
+    """Why adapters of this ProperConfig have no exact PEFT LoRA, or None when they have one."""
+    token = [r for r in config.router if r in ("token", "lora")]
+    if config.num_experts > 1 and token:
+        names = {"token": "token router (W_x x)", "lora": "LoRA-aware router (W_h h_u)"}
+        return (f"its {' and '.join(names[r] for r in token)} give{'s' if len(token) == 1 else ''} gates that "
+                "depend on the token, so no LoRA reproduces a user's adapter exactly")
+    return None
 
 
 @torch.no_grad()
@@ -64,7 +81,8 @@ def user_lora(layer: ProperLinear, user: int) -> tuple[Tensor, Tensor]:
 
 def export_peft(model: nn.Module, user: int, path: Union[str, os.PathLike]) -> Path:
     """Write `user`'s adapter (bank row, or -1 for a user without a row) of a patched
-    model as a PEFT LoRA directory; returns the path. The model is not changed."""
+    model as a PEFT LoRA directory, exact on the model before any :func:`proper.merge`;
+    returns the path. The model is not changed."""
     from peft import LoraConfig, get_peft_model
 
     patch = _patch_of(model)
@@ -77,14 +95,23 @@ def export_peft(model: nn.Module, user: int, path: Union[str, os.PathLike]) -> P
             f"the gates of {token_dependent[0]!r} depend on the token (router {cfg.router}), so no LoRA "
             "reproduces this user's adapter exactly; export needs one expert or router=('user',)"
         )
-    loras = {name: user_lora(layer, user) for name, layer in patch.layers.items()}
-    rank = next(iter(loras.values()))[0].shape[0]
+    parts: dict[str, list[tuple[Tensor, Tensor]]] = {name: [user_lora(layer, user)] for name, layer in
+                                                      patch.layers.items()}
+    for folded in merged_loras(model):  # back onto the original weights: the merged LoRAs as more rank
+        for name, (A, B, scaling) in folded.items():
+            parts.setdefault(name, []).append((A, B * (scaling / cfg.scaling)))
+    rank = max(sum(A.shape[0] for A, _ in p) for p in parts.values())
     base = unpatch(copy.deepcopy(model))  # a plain copy of the base model; `model` stays patched
-    conv1d = any(is_conv1d(l.base) for l in patch.layers.values())
+    conv1d = any(is_conv1d(base.get_submodule(n)) for n in parts)
     lcfg = LoraConfig(r=rank, lora_alpha=cfg.scaling * rank, lora_dropout=cfg.dropout,
-                      target_modules=sorted(patch.layers), fan_in_fan_out=conv1d, init_lora_weights=False)
+                      target_modules=sorted(parts), fan_in_fan_out=conv1d, init_lora_weights=False)
     peft_model = get_peft_model(base, lcfg)
-    for name, (A, B) in loras.items():
+    for name, p in parts.items():
+        A = torch.cat([a.float().cpu() for a, _ in p], 0)
+        B = torch.cat([b.float().cpu() for _, b in p], 1)
+        pad = rank - A.shape[0]  # a module with fewer parts: zero blocks keep one rank for all
+        A = torch.cat([A, A.new_zeros(pad, A.shape[1])], 0)
+        B = torch.cat([B, B.new_zeros(B.shape[0], pad)], 1)
         target = peft_model.base_model.model.get_submodule(name)
         target.lora_A["default"].weight.data.copy_(A)
         target.lora_B["default"].weight.data.copy_(B)

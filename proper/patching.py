@@ -21,6 +21,15 @@ from .config import BACKENDS, ProperConfig
 from .layer import ProperLinear, UserState, is_conv1d
 
 _ATTR = "_proper"
+MERGED_ATTR = "_proper_merged"  # the population LoRAs merge() folded into the base weights
+
+
+def merged_loras(model: nn.Module) -> list[dict[str, tuple[Tensor, Tensor, float]]]:
+    """The population LoRAs that :func:`merge` folded into `model`'s base weights, oldest
+    first: per merge, {module name: (A [r, in], B [out, r], scaling)} (float32 copies). The
+    weights alone no longer show them, and an exact PEFT export onto the original model
+    needs them (``proper.export``)."""
+    return list(getattr(model, MERGED_ATTR, []))
 
 
 class _Patch:
@@ -178,8 +187,11 @@ def merge(model: nn.Module) -> nn.Module:
                 f"cannot merge {name!r}: merging is exact only for a single expert with no user "
                 "bank or user router (the population stage)"
             )
+    folded = {name: (layer.lora_A[0].detach().float().cpu().clone(), layer.lora_B[0].detach().float().cpu().clone(),
+                     float(layer.scaling)) for name, layer in patch.layers.items()}
     for layer in patch.layers.values():
         layer.merge()
+    setattr(model, MERGED_ATTR, merged_loras(model) + [folded])
     return unpatch(model)
 
 
