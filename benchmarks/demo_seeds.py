@@ -79,7 +79,8 @@ def markdown(runs: list[dict], machine: dict) -> str:
              f"{sorted({r['threads'] for r in runs})}", "",
              f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['isa']}; {machine['date']}; "
              + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v and k != "cuda_extension"), "",
-             "Regenerate: `python -m benchmarks.demo_seeds` (exact-match accuracy on the test split).", "",
+             f"Regenerate: `python -m benchmarks.demo_seeds{' --avx2' if '--avx2' in machine['isa'] else ''}` "
+             "(exact-match accuracy on the test split).", "",
              "## Every run", "",
              f"| seed | threads | ARI | stage 3 all | stage 3 {sparsest} | best other all | best other {sparsest} | seconds |",
              "|---|---|---|---|---|---|---|---|"]
