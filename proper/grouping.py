@@ -61,12 +61,15 @@ def user_features(model: nn.Module, records: Sequence[Encoded], pad_id: int, num
             else:
                 out = model(**inputs, output_hidden_states=True)
             target = labels[:, 1:]
-            mask = (target != -100).double()[..., None]
-            probs = out.logits[:, :-1].double().softmax(-1)
-            pull = (probs @ p_vocab - p_vocab[target.clamp(min=0)]) * mask  # [B, T, dims[0]]
-            h = out.hidden_states[-1][:, :-1].double() @ p_hidden  # [B, T, dims[1]]
-            f = torch.einsum("bta,btc->bac", pull, h).reshape(len(rows), -1)
-            feats.index_add_(0, rows, f.cpu())
+            sel = target != -100  # only the target positions: [n, vocab] rather than [B, T, vocab]
+            seq = sel.nonzero()[:, 0]
+            acc = torch.promote_types(out.logits.dtype, torch.float32)  # float32, or float64 for a float64 model
+            pv, ph = p_vocab.to(acc), p_hidden.to(acc)
+            pull = out.logits[:, :-1][sel].to(acc).softmax(-1) @ pv - pv[target[sel]]  # [n, dims[0]]
+            h = out.hidden_states[-1][:, :-1][sel].to(acc) @ ph  # [n, dims[1]]
+            f = torch.zeros(len(rows), dims[0] * dims[1], dtype=acc, device=device)
+            f.index_add_(0, seq, (pull[:, :, None] * h[:, None, :]).reshape(len(seq), -1))
+            feats.index_add_(0, rows, f.double().cpu())
             counts.index_add_(0, rows, torch.ones(len(rows), dtype=torch.float64))
     finally:
         model.train(was_training)
