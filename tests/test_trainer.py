@@ -1,12 +1,15 @@
 """The trainer resumes a killed run from its last checkpoint and ends where an
 uninterrupted run ends."""
 
+import math
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import LLAMA, NUM_USERS, VOCAB, full_config
 
 import proper
-from proper.trainer import TrainConfig, latest_checkpoint, train
+from proper.trainer import TrainConfig, latest_checkpoint, lr_factor, train
 
 
 def batch_at(step):
@@ -30,7 +33,9 @@ def adapters(model):
     return {k: v.detach().clone() for k, v in proper.io.adapter_state_dict(model).items()}
 
 
-def test_killed_run_resumes_to_the_same_adapters(tmp_path):
+@pytest.mark.parametrize("cfg", [CFG, replace(CFG, schedule="cosine", warmup=0.25)], ids=["constant", "cosine"])
+def test_killed_run_resumes_to_the_same_adapters(tmp_path, cfg):
+    CFG = cfg
     torch.manual_seed(0)
     straight = fresh()
     ref_losses = train(straight, batch_at, CFG, tmp_path / "a")
@@ -72,3 +77,25 @@ def test_router_lr_scale():
     routers = [k for k in before if k.rsplit(".", 1)[-1].startswith("router_")]
     assert routers and all(torch.equal(before[k], after[k]) for k in routers)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("lora_B"))
+
+
+def test_cosine_schedule_with_warmup(monkeypatch):
+    cfg = TrainConfig(steps=10, schedule="cosine", warmup=0.2)
+    got = [lr_factor(cfg, s) for s in range(10)]
+    assert got[:2] == [0.5, 1.0]  # linear warm-up over 2 steps
+    assert got[2:] == pytest.approx([0.5 * (1 + math.cos(math.pi * i / 8)) for i in range(8)])
+    assert all(lr_factor(TrainConfig(steps=10), s) == 1.0 for s in range(10))
+    # the optimizer really steps at those rates (every param group: the routers' too)
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def recording(self, *a, **kw):
+        seen.append([g["lr"] for g in self.param_groups])
+        return step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    train(fresh(), batch_at, replace(cfg, lr=1e-2, router_lr_scale=0.5, progress=False))
+    assert seen == [pytest.approx([1e-2 * f, 0.5e-2 * f]) for f in got]
+    for bad in (dict(schedule="linear"), dict(warmup=1.0), dict(warmup=-0.1)):
+        with pytest.raises(ValueError, match="TrainConfig"):
+            train(fresh(), batch_at, replace(cfg, **bad))
