@@ -29,8 +29,8 @@
            initialisations) for ``group_restart_steps`` steps each and keeps the one with
            the lowest loss. It guards against an expert stuck in a poor solution, which
            split-and-merge does not see (on the demo's seed 4, with one start, an expert
-           with the right users got only 2 of 3 answers right). Between assignments and after them, R also trains
-           by gradient.
+           with the right users got only 2 of 3 answers right). Between assignments and
+           after them, R also trains by gradient.
   stage 3  user: every user's LoRA in the bank plus the LoRA-aware router (W_h h_u), all
            users at once in mixed-user batches; the group experts and R stay as stage 2
            left them (frozen).
@@ -272,9 +272,10 @@ def split_merge_move(model: nn.Module, records: Sequence[Encoded], pad_id: int, 
       big and fits neither). Its excess is its NLL per record minus the other experts' mean.
 
     When the merge costs less than a third of the split's excess per record, the merged
-    side's expert is freed, takes a copy of s's weights, and half of s's users: the second cluster of a
-    2-means over their gradient sketches under s (``proper.grouping``), where two groups pull
-    in opposite directions. Training and the later assignment steps then settle the users.
+    side's expert is freed and takes a copy of s's weights and part of s's users: one
+    cluster of a 2-means over their gradient sketches under s (``proper.grouping``), where
+    two groups pull in opposite directions. Training and the later assignment steps then
+    settle the users.
     Returns the (possibly new) expert of each of `rows`; `model` changes only if a move is
     made."""
     E = losses.shape[1]
@@ -353,16 +354,15 @@ def _initial_assignment(model: nn.Module, records: Sequence[Encoded], pad_id: in
 def _assign_hook(model, records, pad_id, cfg: "PipelineConfig", steps: int):
     at = assignment_steps(steps, cfg.group_assignments, cfg.group_assign_until)
 
-    # moves in the first half of the assignments only, never two in a row: the experts need
-    # training between a move and the assignments that judge it
-    movable = set(sorted(at)[: len(at) // 2])
-    moved = [False]
+    # moves at every other assignment of the first half only (the 1st and 3rd of 8): the
+    # experts need training between a move and the assignments that judge it. A function of
+    # the step alone, so a resumed stage makes the moves an uninterrupted one makes.
+    movable = set(sorted(at)[: len(at) // 2 : 2])
 
     def on_step(step: int, loss: float) -> None:
         if step + 1 in at:
-            split_merge = cfg.group_split_merge and step + 1 in movable and not moved[0]
-            moved[0] = assign_groups(model, records, pad_id, cfg.group_assign_strength, split_merge=split_merge,
-                                     seed=step).moved
+            assign_groups(model, records, pad_id, cfg.group_assign_strength,
+                          split_merge=cfg.group_split_merge and step + 1 in movable, seed=step)
 
     return on_step
 
