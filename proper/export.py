@@ -47,10 +47,6 @@ def _user_gates(layer: ProperLinear, user: int) -> tuple[Tensor, Tensor]:
     return gates[0], idx[0]
 
 
-def _token_dependent(layer: ProperLinear) -> bool:
-    return layer.num_experts > 1 and (layer.router_x is not None or layer.router_h is not None)
-
-
 def inexact_reason(config) -> Optional[str]:
     """Why adapters of this ProperConfig have no exact PEFT LoRA, or None when they have one."""
     token = [r for r in config.router if r in ("token", "lora")]
@@ -89,12 +85,10 @@ def export_peft(model: nn.Module, user: int, path: Union[str, os.PathLike]) -> P
     cfg = patch.config
     if not isinstance(user, int) or isinstance(user, bool) or not -1 <= user < max(cfg.num_users, 0):
         raise ValueError(f"user must be a bank row in [-1, {cfg.num_users}), got {user!r}")
-    token_dependent = [n for n, l in patch.layers.items() if _token_dependent(l)]
-    if token_dependent:
-        raise ValueError(
-            f"the gates of {token_dependent[0]!r} depend on the token (router {cfg.router}), so no LoRA "
-            "reproduces this user's adapter exactly; export needs one expert or router=('user',)"
-        )
+    reason = inexact_reason(cfg)
+    if reason is not None:
+        raise ValueError(f"no exact PEFT LoRA for this model (router {cfg.router}): {reason}; export needs one "
+                         "expert or router=('user',)")
     parts: dict[str, list[tuple[Tensor, Tensor]]] = {name: [user_lora(layer, user)] for name, layer in
                                                       patch.layers.items()}
     for folded in merged_loras(model):  # back onto the original weights: the merged LoRAs as more rank
