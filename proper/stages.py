@@ -326,7 +326,8 @@ def split_merge_move(model: nn.Module, records: Sequence[Encoded], pad_id: int, 
 
                     full = t.full_tensor()
                     full[freed] = full[split]
-                    t.copy_(distribute_tensor(full, t.device_mesh, t.placements))
+                    # src_data_rank=None: each rank cuts its part from its own (equal) copy, no broadcast
+                    t.copy_(distribute_tensor(full, t.device_mesh, t.placements, src_data_rank=None))
                 else:
                     t[freed] = t[split]
     return experts

@@ -8,9 +8,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import proper
 
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BACKENDS = ["torch"]
-if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
+if INTERPRET or torch.cuda.is_available():
     BACKENDS.append("triton")
+
+
+def device_for(backend: str) -> torch.device:
+    """Triton runs on the GPU, or on the CPU only under the interpreter."""
+    return torch.device("cuda" if backend == "triton" and not INTERPRET else "cpu")
 
 
 def patched_llama(backend):
@@ -30,10 +36,11 @@ def patched_llama(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fullgraph_compile_forward_and_backward(backend):
-    model = patched_llama(backend)
+    device = device_for(backend)
+    model = patched_llama(backend).to(device)
     mlp = model.model.layers[0].mlp
-    x = torch.randn(2, 5, 32)
-    users = torch.tensor([3, -1])
+    x = torch.randn(2, 5, 32, device=device)
+    users = torch.tensor([3, -1], device=device)
 
     def step(x):
         return mlp(x).square().sum()

@@ -425,7 +425,16 @@ def test_split_merge_move_under_fsdp_matches_one_process(tmp_path):
 
     from proper.stages import split_merge_move
 
-    torchrun(tmp_path, SPLIT_MERGE_WORKER, "split_merge.py", tmp_path)
+    try:
+        torchrun(tmp_path, SPLIT_MERGE_WORKER, "split_merge.py", tmp_path)
+    except AssertionError as e:
+        # About 1 launch in 10 of this worker, under pytest only, rank 0 aborts at start-up
+        # ("terminate called without an active exception", SIGABRT, no Python traceback);
+        # 22 direct torchrun launches never did. Not understood yet: one more launch, and
+        # any other failure is a failure.
+        if "terminate called without an active exception" not in str(e):
+            raise
+        torchrun(tmp_path, SPLIT_MERGE_WORKER, "split_merge.py", tmp_path)
     model, recs, L, rows, start = split_merge_case()
     new = split_merge_move(model, recs, 0, L, rows, start)
     assert not torch.equal(new, start)  # a move was made
