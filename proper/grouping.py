@@ -11,8 +11,7 @@ which each user would pull the population model. Users of one group pull the sam
 the prompts they share, so the first assignment is weighted k-means++ over these
 features. The features are centred, scaled to unit length, and weighted by the user's
 number of records. Several starts are run, and the one with the lowest inertia wins. It
-needs one forward pass over the records and no backward pass, so it costs less than one
-training step per record.
+costs one forward pass over each user's recent records, and no backward pass.
 
 This start is not the final grouping. It is good on the users with many records, who
 dominate training, and the hard assignment steps then place the rest by likelihood.
