@@ -150,24 +150,24 @@ def _export_stage(out: Path, asked: Optional[int]) -> int:
     from .io import load_config
     from .stages import STAGES, is_done, stage_dir
 
-    done = [s for s in STAGES if is_done(out, s)]
-    exact = [s for s in done if inexact_reason(load_config(stage_dir(out, s) / "final")) is None]
+    # why each finished stage has no exact export (None: it has one), its config read once
+    reasons = {s: inexact_reason(load_config(stage_dir(out, s) / "final")) for s in STAGES if is_done(out, s)}
+    exact = [s for s, reason in reasons.items() if reason is None]
     if asked is not None:
         if asked not in STAGES:
             raise CliError(f"--stage must be one of {', '.join(map(str, STAGES))}, got {asked}")
-        if asked not in done:
+        if asked not in reasons:
             raise CliError(f"stage {asked} is not trained in {out} (no {stage_dir(out, asked) / 'final'}); "
                            f"run `proper train` first")
-        reason = inexact_reason(load_config(stage_dir(out, asked) / "final"))
-        if reason is not None:
+        if reasons[asked] is not None:
             hint = f"export --stage {exact[-1]} instead" if exact else "no finished stage of this run exports exactly"
-            raise CliError(f"stage {asked} has no exact PEFT export: {reason}; {hint}")
+            raise CliError(f"stage {asked} has no exact PEFT export: {reasons[asked]}; {hint}")
         return asked
     if not exact:
         raise CliError(f"no finished stage in {out} has an exact PEFT export"
-                       + ("" if done else " (no stage is trained yet: run `proper train` first)"))
-    later = [s for s in done if s > exact[-1]]
-    why = f" (stage {later[0]}: {inexact_reason(load_config(stage_dir(out, later[0]) / 'final'))})" if later else ""
+                       + ("" if reasons else " (no stage is trained yet: run `proper train` first)"))
+    later = [s for s in reasons if s > exact[-1]]
+    why = f" (stage {later[0]}: {reasons[later[0]]})" if later else ""
     print(f"proper export: exporting stage {exact[-1]}, the latest stage with an exact PEFT export{why}",
           file=sys.stderr)
     return exact[-1]

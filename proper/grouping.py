@@ -44,7 +44,8 @@ def user_features(model: nn.Module, records: Sequence[Encoded], pad_id: int, num
     p_vocab = torch.randn(vocab, dims[0], generator=g, dtype=torch.float64) / math.sqrt(dims[0])
     p_hidden = torch.randn(hidden, dims[1], generator=g, dtype=torch.float64) / math.sqrt(dims[1])
     device = head.weight.device
-    p_vocab, p_hidden = p_vocab.to(device), p_hidden.to(device)
+    acc = torch.promote_types(head.weight.dtype, torch.float32)  # float32, or float64 for a float64 model
+    p_vocab, p_hidden = p_vocab.to(device, acc), p_hidden.to(device, acc)
     feats = torch.zeros(num_users, dims[0] * dims[1], dtype=torch.float64)
     counts = torch.zeros(num_users, dtype=torch.float64)
     was_training = model.training
@@ -62,10 +63,8 @@ def user_features(model: nn.Module, records: Sequence[Encoded], pad_id: int, num
             target = labels[:, 1:]
             sel = target != -100  # only the target positions: [n, vocab] rather than [B, T, vocab]
             seq = sel.nonzero()[:, 0]
-            acc = torch.promote_types(out.logits.dtype, torch.float32)  # float32, or float64 for a float64 model
-            pv, ph = p_vocab.to(acc), p_hidden.to(acc)
-            pull = out.logits[:, :-1][sel].to(acc).softmax(-1) @ pv - pv[target[sel]]  # [n, dims[0]]
-            h = out.hidden_states[-1][:, :-1][sel].to(acc) @ ph  # [n, dims[1]]
+            pull = out.logits[:, :-1][sel].to(acc).softmax(-1) @ p_vocab - p_vocab[target[sel]]  # [n, dims[0]]
+            h = out.hidden_states[-1][:, :-1][sel].to(acc) @ p_hidden  # [n, dims[1]]
             f = torch.zeros(len(rows), dims[0] * dims[1], dtype=acc, device=device)
             f.index_add_(0, seq, (pull[:, :, None] * h[:, None, :]).reshape(len(seq), -1))
             feats.index_add_(0, rows, f.double().cpu())

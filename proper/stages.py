@@ -240,7 +240,6 @@ def set_assignment(model: nn.Module, rows: Tensor, experts: Tensor, strength: fl
 class Assignment(NamedTuple):
     experts: Tensor  # [num_users] the expert of each user, -1 for a user without records
     nll: float  # the total NLL of the records under the likeliest experts (before any move)
-    moved: bool  # a split-and-merge move was made
 
 
 def assign_groups(model: nn.Module, records: Sequence[Encoded], pad_id: int, strength: float,
@@ -251,14 +250,13 @@ def assign_groups(model: nn.Module, records: Sequence[Encoded], pad_id: int, str
     losses = expert_losses(model, records, pad_id)
     rows = _record_rows(records)
     best = losses[rows].min(-1)
-    experts, moved = best.indices, False
+    experts = best.indices
     if split_merge:
         experts = split_merge_move(model, records, pad_id, losses, rows, experts, seed)
-        moved = not torch.equal(experts, best.indices)
     set_assignment(model, rows, experts, strength)
     out = torch.full((losses.shape[0],), -1, dtype=torch.long)
     out[rows] = experts
-    return Assignment(out, float(best.values.sum()), moved)
+    return Assignment(out, float(best.values.sum()))
 
 
 def split_merge_move(model: nn.Module, records: Sequence[Encoded], pad_id: int, losses: Tensor, rows: Tensor,
@@ -343,11 +341,11 @@ def assignment_steps(steps: int, count: int, until: float) -> set[int]:
 
 def _initial_assignment(model: nn.Module, records: Sequence[Encoded], pad_id: int, cfg: "PipelineConfig",
                         seed: int) -> None:
-    rows = _record_rows(records)
     E = _user_routers(model)[0].shape[1]
     if cfg.group_init == "features":
         rows, experts = initial_groups(model, records, pad_id, cfg.num_users, E, seed=seed)
     else:
+        rows = _record_rows(records)
         experts = torch.randint(0, E, (len(rows),), generator=torch.Generator().manual_seed(seed))
     set_assignment(model, rows, experts, cfg.group_assign_strength)
 

@@ -384,7 +384,7 @@ SPLIT_MERGE_WORKER = textwrap.dedent("""
     from proper.distributed import wrap_fsdp
     from proper.layer import whole
     from proper.stages import split_merge_move
-    from test_distributed import split_merge_case
+    from test_grouping import split_merge_case
     dist.init_process_group("gloo")
     model, recs, L, rows, start = split_merge_case()
     wrap_fsdp(model)
@@ -398,30 +398,12 @@ SPLIT_MERGE_WORKER = textwrap.dedent("""
 """)
 
 
-def split_merge_case():
-    """A stage-2 model and a loss table where experts 2 and 3 are interchangeable and expert 1
-    holds a mixture (as in test_grouping): split_merge_move must make its move."""
-    from test_stages import records
-
-    torch.manual_seed(0)
-    cfg = proper.ProperConfig(num_experts=4, top_k=2, rank=4, alpha=8.0, user_rank=0, num_users=NUM_USERS,
-                              router=("user",), share_user_router=True, dropout=0.0, target_modules=list(LLAMA.targets))
-    model = proper.patch_model(LLAMA.build(), cfg)
-    with torch.no_grad():
-        for layer in proper.proper_layers(model).values():
-            layer.lora_B.normal_(0.0, 0.3)
-    L = torch.full((NUM_USERS, 4), 40.0, dtype=torch.float64)
-    L[0, 0] = 8.0
-    L[1:4, 1] = 24.0
-    L[4:6, 2] = L[4:6, 3] = 8.0
-    return model, records((4,) * NUM_USERS), L, torch.arange(NUM_USERS), torch.tensor([0, 1, 1, 1, 2, 3])
-
-
 @pytest.mark.slow
 def test_split_merge_move_under_fsdp_matches_one_process(tmp_path):
     """FSDP shards the experts' tables over ranks: a move copies an expert through the whole
     tensor and every rank keeps its part, so the result is one process's."""
     from safetensors.torch import load_file
+    from test_grouping import split_merge_case
 
     from proper.stages import split_merge_move
 

@@ -12,7 +12,7 @@ import proper
 from proper.data import pad_encoded
 from proper.grouping import initial_groups, kmeans, user_features
 from proper.metrics import adjusted_rand_index
-from proper.stages import PipelineConfig, assignment_steps, build_stage_model, run_stage, split_merge_move
+from proper.stages import PipelineConfig, assignment_steps, run_stage, split_merge_move
 from proper.trainer import TrainConfig
 
 
@@ -112,25 +112,29 @@ def test_a_short_stage2_with_top1_still_assigns_users(tmp_path):
     assert len(calls) == len(assignment_steps(24, cfg.group_assignments, cfg.group_assign_until)) == 8
 
 
-def test_split_merge_move_frees_a_redundant_expert_for_the_worst_one(tmp_path):
-    """Experts 2 and 3 serve their users equally well (a merge costs nothing), and expert 1's
-    users lose far more than the others' (a mixture): 3 is merged into 2 (or 2 into 3) and
-    the freed expert takes a copy of expert 1 and part of its users."""
-    tc = TrainConfig(steps=1, progress=False)
-    cfg = PipelineConfig(num_users=NUM_USERS, target_modules=LLAMA.targets, num_experts=4, top_k=2, rank=4,
-                         train={1: tc, 2: tc, 3: tc})
-    run_stage(LLAMA.build, batch_at, tmp_path, cfg, 1)
-    model = build_stage_model(LLAMA.build, tmp_path, cfg, 2)
+def split_merge_case():
+    """(stage-2 model, records, L, rows, start): experts 2 and 3 serve their users equally well
+    (a merge costs nothing) and expert 1's users lose far more than the others' (a mixture),
+    so split_merge_move must make its move. Also the case of the 2-rank FSDP test."""
+    torch.manual_seed(0)
+    cfg = proper.ProperConfig(num_experts=4, top_k=2, rank=4, alpha=8.0, user_rank=0, num_users=NUM_USERS,
+                              router=("user",), share_user_router=True, dropout=0.0, target_modules=list(LLAMA.targets))
+    model = proper.patch_model(LLAMA.build(), cfg)
     with torch.no_grad():
         for layer in proper.proper_layers(model).values():
             layer.lora_B.normal_(0.0, 0.3)
-    recs = records((4,) * NUM_USERS)  # 4 records each
-    rows = torch.arange(NUM_USERS)
-    start = [0, 1, 1, 1, 2, 3]
     L = torch.full((NUM_USERS, 4), 40.0, dtype=torch.float64)
     L[0, 0] = 8.0  # expert 0 fits its user: 2 nats a record
     L[1:4, 1] = 24.0  # expert 1's users: 6 nats a record
     L[4:6, 2] = L[4:6, 3] = 8.0  # experts 2 and 3 are interchangeable
+    return model, records((4,) * NUM_USERS), L, torch.arange(NUM_USERS), torch.tensor([0, 1, 1, 1, 2, 3])
+
+
+def test_split_merge_move_frees_a_redundant_expert_for_the_worst_one():
+    """3 is merged into 2 (or 2 into 3), and the freed expert takes a copy of expert 1 and
+    part of its users."""
+    model, recs, L, rows, start = split_merge_case()
+    start = start.tolist()
     before = {n: l.lora_A.detach().clone() for n, l in proper.proper_layers(model).items()}
     new = split_merge_move(model, recs, 0, L, rows, torch.tensor(start))
     freed, into = (3, 2) if new[5] == 2 else (2, 3)

@@ -104,7 +104,7 @@ def test_stage2_shares_one_user_router_and_assigns_users_by_their_records(tmp_pa
     assert torch.equal(losses[2], torch.zeros(3, dtype=torch.float64))  # no records
     assert torch.equal(layers[0].router_user, saved)  # the router is put back
 
-    experts, total_nll, moved = assign_groups(model, recs, pad_id=0, strength=3.0)
+    experts, total_nll = assign_groups(model, recs, pad_id=0, strength=3.0)
     seen = [0, 1, 3, 4]
     assert experts.tolist()[2] == -1 and experts.tolist()[5:] == [-1] * (NUM_USERS - 5)
     assert experts[seen].tolist() == losses[seen].argmin(-1).tolist()
