@@ -62,6 +62,19 @@ class UserState:
         self.user_ids: Optional[Tensor] = None
         self.shard = shard
         self._router_rows: dict[torch.device, Tensor] = {}
+        self._plan: Optional[tuple] = None  # (ids, lead shape, device, BatchPlan)
+
+    def plan(self, user_ids: Tensor, lead_shape: torch.Size, device: torch.device):
+        """The batch plan of these ids for tokens of `lead_shape`, built by the first layer
+        that asks and shared by every other layer of the forward (and their backward)."""
+        cached = self._plan
+        if cached is not None and cached[0] is self.user_ids and cached[1] == tuple(lead_shape) and cached[2] == device:
+            return cached[3]
+        from proper_kernels.plan import build_plan
+
+        built = build_plan(user_ids, lead_shape, device, self.bank_rows)
+        self._plan = (self.user_ids, tuple(lead_shape), device, built)
+        return built
 
     @property
     def bank_rows(self) -> int:
@@ -188,6 +201,10 @@ class ProperLinear(nn.Module):
             user_ids = None
         elif checked and user_ids.device != x.device:  # a model split over devices (device_map)
             user_ids = user_ids.to(x.device, non_blocking=True)
+        plan = None
+        if checked:  # the context's ids: one plan per batch, for every layer (built on first use)
+            state, ids, lead, device = self._state, user_ids, x.shape[:-1], x.device
+            plan = lambda: state.plan(ids, lead, device)  # noqa: E731
         # Adapters run in their own dtype (as PEFT does); the result goes back to base's dtype.
         # Under FSDP mixed precision the sharded adapters arrive in bf16/fp16 while the bank
         # and the user router (left out of FSDP) keep theirs: the adapters then run in the
@@ -224,6 +241,7 @@ class ProperLinear(nn.Module):
             backend=self.backend,
             inplace=True,  # base_out is this call's own fresh tensor
             sparse_user_grad=self.sparse_user_grad,
+            plan=plan,
         )
         self.last_backend = proper_kernels.last_backend("proper_linear")
         self._routing = routing if (self.training and self.num_experts > 1) else None

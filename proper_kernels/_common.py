@@ -25,20 +25,21 @@ def bank_grad(left: Tensor, right: Tensor, uid: Tensor, groups: Optional[int], n
     """sum over the tokens of each user of left_t^T right_t: [N, left cols, right cols].
 
     Tokens come in `groups` runs of one user each (sequences); without groups, every token is
-    its own run and the outer products are summed in chunks to bound memory."""
+    its own run and the outer products are summed in chunks to bound memory. Tokens without
+    a row (id -1) add zeros to row 0: no boolean indexing, so no host sync."""
     out = torch.zeros(n_users, left.shape[1], right.shape[1], device=left.device, dtype=torch.float32)
     if groups is not None:
         L = left.shape[0] // groups
         rows = uid.reshape(groups, L)[:, 0]
         per = torch.bmm(left.float().reshape(groups, L, -1).transpose(1, 2), right.reshape(groups, L, -1).float())
-        valid = rows >= 0
-        return out.index_add_(0, rows[valid], per[valid])
+        per = per * (rows >= 0).to(per.dtype)[:, None, None]
+        return out.index_add_(0, rows.clamp(min=0), per)
     chunk = max(1, (1 << 24) // max(1, left.shape[1] * right.shape[1]))
     for i in range(0, left.shape[0], chunk):
         u = uid[i : i + chunk]
-        valid = u >= 0
-        outer = left[i : i + chunk][valid].float()[:, :, None] * right[i : i + chunk][valid].float()[:, None, :]
-        out.index_add_(0, u[valid], outer)
+        lw = left[i : i + chunk].float() * (u >= 0).to(torch.float32)[:, None]
+        outer = lw[:, :, None] * right[i : i + chunk].float()[:, None, :]
+        out.index_add_(0, u.clamp(min=0), outer)
     return out
 
 

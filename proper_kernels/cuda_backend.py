@@ -112,11 +112,11 @@ class _ProperLinear(torch.autograd.Function):
         ctx.save_for_backward(x2, xl2 if not same_x else None, uid, A, B, router_x, router_user, router_h, UA, UB,
                               logits, gates, idx, h, hu)
         ctx.consts = (groups, scaling, temperature, user_scaling, same_x, x.shape, x_lora.shape)
-        ctx.mark_non_differentiable(gates, idx)
+        ctx.mark_non_differentiable(idx)
         return y.reshape(base_out.shape), logits, gates, idx
 
     @staticmethod
-    def backward(ctx, dy, dlext, _dgates, _didx):
+    def backward(ctx, dy, dlext, dgates, _didx):
         (x2, xl2, uid, A, B, router_x, router_user, router_h, UA, UB, logits, gates, idx, h, hu) = ctx.saved_tensors
         groups, scaling, temperature, user_scaling, same_x, x_shape, xl_shape = ctx.consts
         if xl2 is None:
@@ -128,6 +128,8 @@ class _ProperLinear(torch.autograd.Function):
         has_u = UA is not None
         dhg = _ops.bgmv_shrink(dy2, B, idx, True, False) * scaling  # d(g h): [T, k, r]
         dgate = (dhg * h).sum(-1)
+        if dgates is not None:  # the gates' own gradient (a loss on the routing)
+            dgate = dgate + dgates.float()
         dh = (dhg * gates[:, :, None]).contiguous()
         dlogits = _ops.router_topk_backward(logits, idx, dgate.contiguous(), temperature)
         if dlext is not None:
@@ -165,11 +167,11 @@ class _ProperLinear(torch.autograd.Function):
 def proper_linear(x, base_out, lora_A, lora_B, scaling, *, top_k, temperature=1.0, router_x=None,
                   router_user=None, router_h=None, user_ids=None, user_A=None, user_B=None,
                   user_scaling=0.0, x_lora=None, inplace=False, sparse_grad=False):
-    """Same contract as proper_kernels.reference.proper_linear (the gates it returns carry no
-    gradient; the logits do)."""
+    """Same contract as proper_kernels.reference.proper_linear (gates and logits carry
+    gradients)."""
     if sparse_grad:
-        raise ValueError("sparse_grad (sparse user-bank gradients) needs the torch backend")
-    same_x = x_lora is None or x_lora is x  # inplace: ignored, the kernels write a fresh output
+        raise ValueError("sparse_grad (sparse user-bank gradients) needs the triton or torch backend")
+    same_x = x_lora is None or x_lora is x  # inplace: not used, the kernels write a fresh output
     if user_A is not None and user_A.shape[1] == 0:
         user_A = user_B = None
     if user_A is None:

@@ -189,6 +189,7 @@ def proper_linear(
     backend: str = "auto",
     inplace: bool = False,
     sparse_user_grad: bool = False,
+    plan=None,
 ) -> Union[Tensor, tuple[Tensor, Routing]]:
     """The fused ProperLinear pass added onto the base product (SPEC.md "One layer").
 
@@ -205,7 +206,10 @@ def proper_linear(
     is undefined afterwards. Autograd is unaffected (base_out's producer must not need its
     own output for backward, which holds for a linear layer). ``sparse_user_grad=True`` gives
     user_A, user_B and router_user sparse gradients over the rows in the batch (for a bank of
-    millions of users; pair it with ``proper.optim.LazyAdamW``); the torch backend only.
+    millions of users; pair it with ``proper.optim.LazyAdamW``). ``plan``: the batch's
+    ``proper_kernels.plan.BatchPlan`` (or a function returning it), which the Triton backend
+    reads instead of building one from user_ids; ``proper.user_context`` builds it once per
+    batch for every layer.
     """
     _checks.tensor("x", x)
     if x.dim() < 1:
@@ -260,10 +264,12 @@ def proper_linear(
     if checking:
         _checks.finite("x", x)
     name = select_backend(backend, x.device, x.dtype)
-    if sparse_user_grad and name != "torch":
+    if sparse_user_grad and name == "cuda":
         if backend != "auto":
-            raise ValueError(f"sparse_user_grad=True needs backend='torch' (sparse bank gradients), got {backend!r}")
-        name = "torch"
+            raise ValueError("sparse_user_grad=True needs backend='triton' or 'torch' (sparse bank gradients), "
+                             "got 'cuda'")
+        name = "triton" if _REGISTRY["triton"].available(x.device, x.dtype) is None else "torch"
+    extra = {"plan": plan} if name == "triton" else {}
     x_lora = F.dropout(x, dropout, training=True) if (training and dropout > 0) else x
     y, routing = _REGISTRY[name].proper_linear(
         x,
@@ -283,6 +289,7 @@ def proper_linear(
         x_lora=x_lora,
         inplace=inplace,
         sparse_grad=sparse_user_grad,
+        **extra,
     )
     _record("proper_linear", name)
     if checking:

@@ -33,15 +33,18 @@ def router_topk(logits: Tensor, top_k: int, temperature: float = 1.0) -> tuple[T
     """softmax(logits / temperature) over the last dim, keep the top k, renormalise.
 
     Ties go to the lower expert index (a stable descending sort). A NaN anywhere in a row
-    makes every gate of that row NaN; its indices stay valid expert numbers.
+    makes every gate of that row NaN; its indices stay valid expert numbers. 16-bit logits
+    are routed in fp32 (as every backend does); the gates come back in the logits' dtype.
     """
+    dtype = logits.dtype
+    logits = logits.to(torch.promote_types(dtype, torch.float32))
     probs = torch.softmax(logits / temperature, dim=-1)
     # A stable descending sort keeps equal probabilities in index order, so ties go to the
     # lower expert; torch.topk gives no such guarantee.
     indices = torch.sort(probs.detach(), dim=-1, descending=True, stable=True).indices[..., :top_k]
     top = torch.gather(probs, -1, indices)
     gates = top / top.sum(dim=-1, keepdim=True)
-    return gates, indices
+    return gates.to(dtype), indices
 
 
 def _groups(user_ids: Tensor, lead_shape: torch.Size) -> tuple[int, Tensor]:
@@ -114,15 +117,18 @@ def router_logits(
     h_user: Optional[Tensor] = None,
     sparse_grad: bool = False,
 ) -> Tensor:
-    """logit = W_x x + R[u] + W_h h_u, each term optional. x [..., in]; returns [T, E].
+    """logit = W_x x + R[u] + W_h h_u, each term optional. x [..., in]; returns [T, E] in
+    fp32 for 16-bit inputs (fp32 accumulation, as in the kernels, so that 16-bit rounding
+    never reorders near-tied experts), else in x's dtype.
 
     With no router term at all the logits are zero (every expert equally likely).
     """
     lead = x.shape[:-1]
+    compute = torch.promote_types(x.dtype, torch.float32)
     xt = x.reshape(-1, x.shape[-1])
-    logits = torch.zeros(xt.shape[0], num_experts, dtype=x.dtype, device=x.device)
+    logits = torch.zeros(xt.shape[0], num_experts, dtype=compute, device=x.device)
     if router_x is not None:
-        logits = logits + xt @ router_x.t()
+        logits = logits + xt.to(compute) @ router_x.to(compute).t()
     if router_user is not None:
         default_row = router_user.shape[0] - 1
         if user_ids is None:
@@ -130,9 +136,9 @@ def router_logits(
         else:
             ids = _per_token_ids(user_ids, lead)
             rows = torch.where(ids >= 0, ids, torch.full_like(ids, default_row))
-        logits = logits + _take_rows(router_user, rows, sparse_grad)
+        logits = logits + _take_rows(router_user, rows, sparse_grad).to(compute)
     if router_h is not None and h_user is not None:
-        logits = logits + h_user @ router_h.t()
+        logits = logits + h_user.to(compute) @ router_h.to(compute).t()
     return logits
 
 
@@ -196,7 +202,8 @@ def proper_linear(
             h_user=h_user,
             sparse_grad=sparse_grad,
         )
-        gates, indices = router_topk(logits, top_k, temperature)
+        gates, indices = router_topk(logits, top_k, temperature)  # fp32 routing, gates in logits' dtype
+        gates, logits = gates.to(x.dtype), logits.to(x.dtype)
         # Dense gate matrix [T, E]: zero for experts outside a token's top k.
         dense = torch.zeros(T, E, dtype=gates.dtype, device=gates.device).scatter(1, indices, gates)
         h = None

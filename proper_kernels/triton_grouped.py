@@ -88,7 +88,7 @@ def _block(block_expert_ptr, block_start_ptr, seg_ptr, order_ptr, E: tl.constexp
 def _shrink(
     x_ptr, a_ptr, gate_ptr, order_ptr, seg_ptr, block_expert_ptr, block_start_ptr, h_ptr, hg_ptr,
     IN: tl.constexpr, E: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, TOP_K: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
     e, ec, rows, rmask, pair, tok = _block(block_expert_ptr, block_start_ptr, seg_ptr, order_ptr, E, TOP_K, BLOCK_P)
     if e < E:
@@ -99,18 +99,18 @@ def _shrink(
             kmask = k < IN
             x = tl.load(x_ptr + tok[:, None].to(tl.int64) * IN + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
             a = tl.load(a_ptr + ec * (R * IN) + j[None, :] * IN + k[:, None], mask=(j < R)[None, :] & kmask[:, None], other=0.0)
-            h = tl.dot(x.to(tl.float32), a.to(tl.float32), h, input_precision=PREC)
+            h = tl.dot(x.to(DT), a.to(DT), h, input_precision=PREC)
         gate = tl.load(gate_ptr + pair, mask=rmask, other=0.0)
         m = rmask[:, None] & (j < R)[None, :]
         tl.store(h_ptr + rows[:, None] * R + j[None, :], h, mask=m)
-        tl.store(hg_ptr + rows[:, None] * R + j[None, :], h * gate[:, None], mask=m)
+        tl.store(hg_ptr + rows[:, None] * R + j[None, :], (h * gate[:, None]).to(hg_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def _expand(
     hg_ptr, b_ptr, order_ptr, seg_ptr, block_expert_ptr, block_start_ptr, y32_ptr, scaling,
     OUT: tl.constexpr, E: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, TOP_K: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
     e, ec, rows, rmask, pair, tok = _block(block_expert_ptr, block_start_ptr, seg_ptr, order_ptr, E, TOP_K, BLOCK_P)
     if e < E:
@@ -119,7 +119,7 @@ def _expand(
         j = tl.arange(0, RP)
         hg = tl.load(hg_ptr + rows[:, None] * R + j[None, :], mask=rmask[:, None] & (j < R)[None, :], other=0.0)
         b = tl.load(b_ptr + ec * (OUT * R) + o[None, :] * R + j[:, None], mask=(j < R)[:, None] & omask[None, :], other=0.0)
-        acc = tl.dot(hg, b.to(tl.float32), input_precision=PREC) * scaling
+        acc = tl.dot(hg.to(DT), b.to(DT), input_precision=PREC) * scaling
         tl.atomic_add(y32_ptr + tok[:, None].to(tl.int64) * OUT + o[None, :], acc, mask=rmask[:, None] & omask[None, :])
 
 
@@ -127,7 +127,7 @@ def _expand(
 def _bwd_dh(
     dy_ptr, b_ptr, h_ptr, gate_ptr, order_ptr, seg_ptr, block_expert_ptr, block_start_ptr, dh_ptr, dslot_ptr, scaling,
     OUT: tl.constexpr, E: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, TOP_K: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
     e, ec, rows, rmask, pair, tok = _block(block_expert_ptr, block_start_ptr, seg_ptr, order_ptr, E, TOP_K, BLOCK_P)
     if e < E:
@@ -138,7 +138,7 @@ def _bwd_dh(
             omask = o < OUT
             dy = tl.load(dy_ptr + tok[:, None].to(tl.int64) * OUT + o[None, :], mask=rmask[:, None] & omask[None, :], other=0.0)
             b = tl.load(b_ptr + ec * (OUT * R) + o[:, None] * R + j[None, :], mask=omask[:, None] & (j < R)[None, :], other=0.0)
-            dhg = tl.dot(dy.to(tl.float32), b.to(tl.float32), dhg, input_precision=PREC)
+            dhg = tl.dot(dy.to(DT), b.to(DT), dhg, input_precision=PREC)
         dhg = dhg * scaling
         m = rmask[:, None] & (j < R)[None, :]
         h = tl.load(h_ptr + rows[:, None] * R + j[None, :], mask=m, other=0.0)
@@ -151,7 +151,7 @@ def _bwd_dh(
 def _bwd_dx(
     dh_ptr, a_ptr, order_ptr, seg_ptr, block_expert_ptr, block_start_ptr, dx32_ptr,
     IN: tl.constexpr, E: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, TOP_K: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
     e, ec, rows, rmask, pair, tok = _block(block_expert_ptr, block_start_ptr, seg_ptr, order_ptr, E, TOP_K, BLOCK_P)
     if e < E:
@@ -160,7 +160,7 @@ def _bwd_dx(
         j = tl.arange(0, RP)
         dh = tl.load(dh_ptr + rows[:, None] * R + j[None, :], mask=rmask[:, None] & (j < R)[None, :], other=0.0)
         a = tl.load(a_ptr + ec * (R * IN) + j[:, None] * IN + k[None, :], mask=(j < R)[:, None] & kmask[None, :], other=0.0)
-        acc = tl.dot(dh, a.to(tl.float32), input_precision=PREC)
+        acc = tl.dot(dh.to(DT), a.to(DT), input_precision=PREC)
         tl.atomic_add(dx32_ptr + tok[:, None].to(tl.int64) * IN + k[None, :], acc, mask=rmask[:, None] & kmask[None, :])
 
 
@@ -168,7 +168,7 @@ def _bwd_dx(
 def _segment_gemm(
     l_ptr, r_ptr, order_ptr, seg_ptr, out_ptr, scale,
     M: tl.constexpr, N: tl.constexpr, L_BY_TOKEN: tl.constexpr, R_BY_TOKEN: tl.constexpr, TOP_K: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
     """out[e] = scale * sum over the pairs of expert e of L[row]^T R[row]: [E, M, N].
 
@@ -196,5 +196,5 @@ def _segment_gemm(
             rrow = rows
         left = tl.load(l_ptr + lrow[:, None] * M + m[None, :], mask=rmask[:, None] & mmask[None, :], other=0.0)
         right = tl.load(r_ptr + rrow[:, None] * N + n[None, :], mask=rmask[:, None] & nmask[None, :], other=0.0)
-        acc = tl.dot(tl.trans(left.to(tl.float32)), right.to(tl.float32), acc, input_precision=PREC)
-    tl.store(out_ptr + e.to(tl.int64) * (M * N) + m[:, None] * N + n[None, :], acc * scale, mask=mmask[:, None] & nmask[None, :])
+        acc = tl.dot(tl.trans(left.to(DT)), right.to(DT), acc, input_precision=PREC)
+    tl.store(out_ptr + e.to(tl.int64) * (M * N) + m[:, None] * N + n[None, :], (acc * scale).to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])

@@ -1,25 +1,31 @@
 """The fused ProperLinear pass in Triton: router, top-k, gated expert LoRAs and user LoRA.
 
-Dense-masked strategy (SPEC.md "Kernels"): every expert's shrink is computed in the same
-K-loop as the router logits and masked by the gates, so no token sort is needed. It suits
-small E*r (up to 256 columns in one tile).
+Every kernel works on blocks of tokens in the plan's sorted order (``proper_kernels.plan``):
+a block holds the runs of a few users, and the user LoRA is one GEMM per run against that
+user's rows, on tensor cores (no per-token gather of the bank, no 3-D broadcast tiles).
+Dots take their operands in the input dtype (bf16/fp16) with fp32 accumulators; fp32 inputs
+run in IEEE fp32, or TF32 when ``torch.backends.cuda.matmul.allow_tf32`` is set. Under the
+Triton interpreter bf16 is upcast first (``DT``, a constexpr): the interpreter holds bf16 as
+raw 16-bit words.
 
-Forward, two launches:
-  1. shrink + route, one program per block of tokens: h = x_lora A_all^T [T, E*r],
-     logits = x W_x^T + R[u] + h_u W_h^T with h_u = A^u x_lora, softmax, top-k, gates;
-     stores h, the gated h, h_u, logits, gates and indices (fp32 side outputs).
-  2. expand, one program per (token block, out block): y = base_out + s_g (g*h) B_all
-     + s_u B^u h_u.
-Backward, two launches plus dense GEMMs:
-  1. per token block: d(g*h) = s_g dy B_all, dh_u = s_u dy B^u, the router backward
-     (d gates -> d logits), dh = g * d(g*h), dh_u += d logits W_h.
-  2. per (token block, in block): dx = dh A_all + d logits W_x + dh_u A^u.
-  Weight gradients are plain GEMMs over tokens (torch.matmul) and, for the user bank,
-  per-sequence batched GEMMs scattered to the rows of the users present.
-
-Every load is upcast to fp32 before arithmetic; dots run on tensor cores in tf32 for
-16-bit inputs (exact for their products) and in IEEE fp32 for fp32 inputs unless
-``torch.backends.cuda.matmul.allow_tf32`` is set.
+Dense-masked strategy (E*r up to 256 columns in one tile), forward:
+  _shrink   per block of sorted tokens (and per split of the features, for few tokens):
+            h = x_lora A_all^T [T, E*r], logits = x W_x^T, h_u = A^u x_lora per run;
+            with one split it finishes the routing (R[u], W_h h_u, softmax, top-k) and
+            stores h, g*h, h_u, logits, gates and indices; with several it stores partial
+            sums and _route finishes.
+  _route    sums the split-K partials, routes (decode: the shrink then covers every SM).
+  _expand   per (block, out tile): y = base_out + s_g (g*h) B_all + s_u h_u B^u (per run),
+            in base_out's dtype, into base_out's own memory when in place.
+Backward:
+  _bwd_dh   per block: d(g*h) = s_g dy B_all, dh_u = s_u dy B^u (per run), the router
+            backward (d gates, from the products and from the gates' own gradient, to
+            d logits), dh = g d(g*h), dh_u += d logits W_h.
+  _bwd_dx   per (block, in tile): dx = dh A_all + d logits W_x + dh_u A^u (per run).
+  Weight gradients: the experts' and the token router's as one GEMM over the tokens in the
+  input dtype (torch.matmul); the bank's per run (_bank_grad), written into the rows of the
+  users present, or compact (sparse gradients); the user router's by an index_add.
+Nothing syncs with the host. Launch configurations come from ``proper_kernels.launch``.
 """
 
 from __future__ import annotations
@@ -31,10 +37,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import launch as _launch
 from . import triton_grouped
-from ._common import router_and_bank_grads, token_user_ids
+from .plan import ORDER, RUN, RUN_END, RUN_START, RUN_USER, UID, BatchPlan, build_plan
 from .reference import Routing
-from .triton_utils import softmax_rows, topk_backward, topk_select
+from .triton_utils import slot, softmax_rows, topk_backward, topk_select
 
 # Largest E*r the dense strategy holds in one tile.
 DENSE_MAX_COLUMNS = 256
@@ -51,182 +58,258 @@ def _pow2(n: int, floor: int = 16) -> int:
 
 
 def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _launch.interpreting()
 
 
-# Launch configurations keyed by the padded expert columns (E*r); the interpreter prefers
-# fewer, larger programs.
-_DENSE_CONFIGS = {
-    # ERP: (BLOCK_T, BLOCK_K, BLOCK_N, num_warps)
-    16: (64, 64, 64, 4),
-    32: (64, 64, 64, 4),
-    64: (32, 64, 64, 4),
-    128: (32, 32, 64, 4),
-    256: (16, 32, 64, 8),
-}
-_INTERPRETER_CONFIG = (64, 64, 64, 1)
+_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
-def _config(erp: int) -> tuple[int, int, int, int]:
-    if _interpreting():
-        return _INTERPRETER_CONFIG
-    return _DENSE_CONFIGS[erp]
+def _dot_dtype(dtype: torch.dtype):
+    """The dtype dots take: the input's own, except bf16 under the interpreter."""
+    if dtype == torch.bfloat16 and _interpreting():
+        return tl.float32
+    return _TL[dtype]
 
 
 def _precision(dtype: torch.dtype) -> str:
-    if dtype in (torch.float16, torch.bfloat16):
-        return "tf32"
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    """input_precision of fp32 dots (16-bit dots ignore it)."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not _interpreting():
         return "tf32"
     return "ieee"
 
 
+# -- device helpers ---------------------------------------------------------------------------
+
+
 @triton.jit
-def _expand_onehot(E: tl.constexpr, R: tl.constexpr, EP: tl.constexpr, ERP: tl.constexpr):
-    """[EP, ERP] 0/1 matrix: row e has ones on expert e's r columns."""
-    e = tl.arange(0, EP)
+def _block_tokens(order_ptr, run_ptr, T, BLOCK_T: tl.constexpr):
+    """This program's block of sorted positions: (positions, mask, token ids, run of each
+    position, first and last run in the block)."""
+    start = tl.program_id(0) * BLOCK_T
+    pos = start + tl.arange(0, BLOCK_T)
+    pmask = pos < T
+    tok = tl.load(order_ptr + pos, mask=pmask, other=0)
+    prun = tl.load(run_ptr + pos, mask=pmask, other=-1)
+    r_first = tl.load(run_ptr + start)
+    r_last = tl.load(run_ptr + tl.minimum(start + BLOCK_T, T) - 1)
+    return pos, pmask, tok, prun, r_first, r_last
+
+
+@triton.jit
+def _gate_columns(idx, gates, kcol, c, BLOCK_T: tl.constexpr, ERP: tl.constexpr, R: tl.constexpr,
+                  ER: tl.constexpr, TOP_K: tl.constexpr):
+    """[BT, ERP]: the gate of each expert column (column c belongs to expert c // R)."""
+    gc = tl.zeros((BLOCK_T, ERP), dtype=tl.float32)
+    expert = c // R
+    for s in range(TOP_K):
+        sel = slot(idx, kcol, s)
+        g = slot(gates, kcol, s)
+        gc = tl.where(expert[None, :] == sel[:, None], g[:, None], gc)
+    return tl.where((c < ER)[None, :], gc, 0.0)
+
+
+@triton.jit
+def _finish_routing(
+    h, logits, hu, tok, tmask, uid_ptr, r_ptr, wh_ptr,
+    h_ptr, hg_ptr, hu_ptr, logit_ptr, gate_ptr, idx_ptr, default_row, inv_temperature,
+    E: tl.constexpr, R: tl.constexpr, RU: tl.constexpr, TOP_K: tl.constexpr, EP: tl.constexpr,
+    ERP: tl.constexpr, RUP: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_R: tl.constexpr, HAS_WH: tl.constexpr, HAS_U: tl.constexpr, SHRINK: tl.constexpr,
+):
+    """Add the user and LoRA-aware router terms, route in fp32, store the side outputs (by
+    token)."""
+    col = tl.arange(0, EP)
     c = tl.arange(0, ERP)
-    return ((c[None, :] // R) == e[:, None]) & (c[None, :] < E * R)
+    j = tl.arange(0, RUP)
+    kcol = tl.arange(0, KP)
+    uid = tl.load(uid_ptr + tok, mask=tmask, other=-1)
+    has_row = tmask & (uid >= 0)
+    if HAS_R:
+        rrow = tl.where(has_row, uid, default_row)
+        logits += tl.load(r_ptr + rrow[:, None] * E + col[None, :],
+                          mask=tmask[:, None] & (col < E)[None, :], other=0.0).to(tl.float32)
+    if HAS_WH:
+        for jj in range(RU):  # logits += h_u W_h^T, one rank at a time (no 3-D tile)
+            hcol = tl.sum(tl.where(j[None, :] == jj, hu, 0.0), axis=1)
+            w = tl.load(wh_ptr + col * RU + jj, mask=col < E, other=0.0).to(tl.float32)
+            logits += hcol[:, None] * w[None, :]
+    p = softmax_rows(logits, col, E, inv_temperature)
+    idx, gates = topk_select(p, col, kcol, E, EP, TOP_K)
+    if SHRINK:
+        gc = _gate_columns(idx, gates, kcol, c, BLOCK_T, ERP, R, E * R, TOP_K)
+        tc = tmask[:, None] & (c < E * R)[None, :]
+        tl.store(h_ptr + tok[:, None] * (E * R) + c[None, :], h, mask=tc)
+        tl.store(hg_ptr + tok[:, None] * (E * R) + c[None, :], (h * gc).to(hg_ptr.dtype.element_ty), mask=tc)
+    if HAS_U:
+        tl.store(hu_ptr + tok[:, None] * RU + j[None, :], hu, mask=tmask[:, None] & (j < RU)[None, :])
+    tl.store(logit_ptr + tok[:, None] * E + col[None, :], logits, mask=tmask[:, None] & (col < E)[None, :])
+    tk = tmask[:, None] & (kcol < TOP_K)[None, :]
+    tl.store(gate_ptr + tok[:, None] * TOP_K + kcol[None, :], gates, mask=tk)
+    tl.store(idx_ptr + tok[:, None] * TOP_K + kcol[None, :], idx.to(tl.int64), mask=tk)
+
+
+# -- forward ----------------------------------------------------------------------------------
 
 
 @triton.jit
-def _fwd_shrink_route(
-    x_ptr, xl_ptr, uid_ptr, a_ptr, wx_ptr, r_ptr, wh_ptr, ua_ptr,
+def _shrink(
+    x_ptr, xl_ptr, order_ptr, run_ptr, run_user_ptr, uid_ptr, a_ptr, wx_ptr, ua_ptr, r_ptr, wh_ptr,
     h_ptr, hg_ptr, hu_ptr, logit_ptr, gate_ptr, idx_ptr,
     T, default_row, inv_temperature,
     IN: tl.constexpr, E: tl.constexpr, R: tl.constexpr, RU: tl.constexpr, TOP_K: tl.constexpr,
     EP: tl.constexpr, ERP: tl.constexpr, RUP: tl.constexpr, KP: tl.constexpr,
     HAS_WX: tl.constexpr, HAS_R: tl.constexpr, HAS_WH: tl.constexpr, HAS_U: tl.constexpr,
-    SAME_X: tl.constexpr, SHRINK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
+    SAME_X: tl.constexpr, SHRINK: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """SHRINK=False (grouped strategy): route only, the experts' shrink runs elsewhere."""
-    pid = tl.program_id(0).to(tl.int64)
-    t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    tmask = t < T
+    """SHRINK=False (grouped strategy): route only, the experts' shrink runs elsewhere.
+    SPLIT > 1: program (block, s) covers the s-th share of the features and stores partial
+    sums h [SPLIT, T, E*r], logits [SPLIT, T, E], h_u [SPLIT, T, r_u] for _route."""
+    sid = tl.program_id(1)
+    pos, pmask, tok, prun, r_first, r_last = _block_tokens(order_ptr, run_ptr, T, BLOCK_T)
     col = tl.arange(0, EP)
     c = tl.arange(0, ERP)
     j = tl.arange(0, RUP)
-    kcol = tl.arange(0, KP)
-    uid = tl.load(uid_ptr + t, mask=tmask, other=-1)
-    has_row = tmask & (uid >= 0)
-    row = tl.where(has_row, uid, 0)
+    N_TILES: tl.constexpr = (IN + BLOCK_K - 1) // BLOCK_K
+    k_lo = sid * N_TILES // SPLIT
+    k_hi = (sid + 1) * N_TILES // SPLIT
 
     h = tl.zeros((BLOCK_T, ERP), dtype=tl.float32)
     logits = tl.zeros((BLOCK_T, EP), dtype=tl.float32)
     hu = tl.zeros((BLOCK_T, RUP), dtype=tl.float32)
-    for k0 in range(0, IN, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
+    for kt in range(k_lo, k_hi):
+        k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
         kmask = k < IN
-        xm = tmask[:, None] & kmask[None, :]
-        xl = tl.load(xl_ptr + t[:, None] * IN + k[None, :], mask=xm, other=0.0).to(tl.float32)
+        xm = pmask[:, None] & kmask[None, :]
+        xl = tl.load(xl_ptr + tok[:, None] * IN + k[None, :], mask=xm, other=0.0).to(DT)
         if SHRINK:
             a = tl.load(a_ptr + c[None, :] * IN + k[:, None], mask=(c < E * R)[None, :] & kmask[:, None], other=0.0)
-            h = tl.dot(xl, a.to(tl.float32), h, input_precision=PREC)
+            h = tl.dot(xl, a.to(DT), h, input_precision=PREC)
         if HAS_WX:
             if SAME_X:
                 xr = xl
             else:
-                xr = tl.load(x_ptr + t[:, None] * IN + k[None, :], mask=xm, other=0.0).to(tl.float32)
+                xr = tl.load(x_ptr + tok[:, None] * IN + k[None, :], mask=xm, other=0.0).to(DT)
             w = tl.load(wx_ptr + col[None, :] * IN + k[:, None], mask=(col < E)[None, :] & kmask[:, None], other=0.0)
-            logits = tl.dot(xr, w.to(tl.float32), logits, input_precision=PREC)
+            logits = tl.dot(xr, w.to(DT), logits, input_precision=PREC)
         if HAS_U:
-            ua = tl.load(
-                ua_ptr + row[:, None, None] * (RU * IN) + j[None, :, None] * IN + k[None, None, :],
-                mask=has_row[:, None, None] & (j < RU)[None, :, None] & kmask[None, None, :],
-                other=0.0,
-            ).to(tl.float32)
-            hu += tl.sum(xl[:, None, :] * ua, axis=2)
+            for rr in range(r_first, r_last + 1):
+                u = tl.load(run_user_ptr + rr)
+                if u >= 0:
+                    ua = tl.load(ua_ptr + u * (RU * IN) + j[None, :] * IN + k[:, None],
+                                 mask=(j < RU)[None, :] & kmask[:, None], other=0.0)
+                    part = tl.dot(xl, ua.to(DT), input_precision=PREC)
+                    hu += tl.where((prun == rr)[:, None], part, 0.0)
 
-    if HAS_R:
-        rrow = tl.where(has_row, uid, default_row)
-        logits += tl.load(r_ptr + rrow[:, None] * E + col[None, :], mask=tmask[:, None] & (col < E)[None, :], other=0.0).to(tl.float32)
-    if HAS_WH:
-        wh = tl.load(wh_ptr + col[:, None] * RU + j[None, :], mask=(col < E)[:, None] & (j < RU)[None, :], other=0.0).to(tl.float32)
-        logits += tl.sum(hu[:, None, :] * wh[None, :, :], axis=2)
-
-    p = softmax_rows(logits, col, E, inv_temperature)
-    idx, gates, dense = topk_select(p, col, kcol, E, EP, TOP_K)
-    if SHRINK:
-        onehot = _expand_onehot(E, R, EP, ERP).to(tl.float32)
-        gate_cols = tl.dot(dense, onehot, input_precision="ieee")
-        tc = tmask[:, None] & (c < E * R)[None, :]
-        tl.store(h_ptr + t[:, None] * (E * R) + c[None, :], h, mask=tc)
-        tl.store(hg_ptr + t[:, None] * (E * R) + c[None, :], h * gate_cols, mask=tc)
-    if HAS_U:
-        tl.store(hu_ptr + t[:, None] * RU + j[None, :], hu, mask=tmask[:, None] & (j < RU)[None, :])
-    te = tmask[:, None] & (col < E)[None, :]
-    tl.store(logit_ptr + t[:, None] * E + col[None, :], logits, mask=te)
-    tk = tmask[:, None] & (kcol < TOP_K)[None, :]
-    tl.store(gate_ptr + t[:, None] * TOP_K + kcol[None, :], gates, mask=tk)
-    tl.store(idx_ptr + t[:, None] * TOP_K + kcol[None, :], idx.to(tl.int64), mask=tk)
+    if SPLIT == 1:
+        _finish_routing(h, logits, hu, tok, pmask, uid_ptr, r_ptr, wh_ptr, h_ptr, hg_ptr, hu_ptr, logit_ptr,
+                        gate_ptr, idx_ptr, default_row, inv_temperature, E, R, RU, TOP_K, EP, ERP, RUP, KP,
+                        BLOCK_T, HAS_R, HAS_WH, HAS_U, SHRINK)
+    else:
+        row = sid.to(tl.int64) * T + tok
+        if SHRINK:
+            tl.store(h_ptr + row[:, None] * (E * R) + c[None, :], h, mask=pmask[:, None] & (c < E * R)[None, :])
+        if HAS_WX:
+            tl.store(logit_ptr + row[:, None] * E + col[None, :], logits, mask=pmask[:, None] & (col < E)[None, :])
+        if HAS_U:
+            tl.store(hu_ptr + row[:, None] * RU + j[None, :], hu, mask=pmask[:, None] & (j < RU)[None, :])
 
 
 @triton.jit
-def _fwd_expand(
-    hg_ptr, hu_ptr, uid_ptr, b_ptr, ub_ptr, base_ptr, extra_ptr, y_ptr,
+def _route(
+    ph_ptr, plogit_ptr, phu_ptr, uid_ptr, r_ptr, wh_ptr,
+    h_ptr, hg_ptr, hu_ptr, logit_ptr, gate_ptr, idx_ptr,
+    T, default_row, inv_temperature,
+    E: tl.constexpr, R: tl.constexpr, RU: tl.constexpr, TOP_K: tl.constexpr,
+    EP: tl.constexpr, ERP: tl.constexpr, RUP: tl.constexpr, KP: tl.constexpr,
+    HAS_WX: tl.constexpr, HAS_R: tl.constexpr, HAS_WH: tl.constexpr, HAS_U: tl.constexpr,
+    SHRINK: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Sum the split-K partials of _shrink and finish the routing, per block of tokens."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = t < T
+    tok = t.to(tl.int64)
+    col = tl.arange(0, EP)
+    c = tl.arange(0, ERP)
+    j = tl.arange(0, RUP)
+    h = tl.zeros((BLOCK_T, ERP), dtype=tl.float32)
+    logits = tl.zeros((BLOCK_T, EP), dtype=tl.float32)
+    hu = tl.zeros((BLOCK_T, RUP), dtype=tl.float32)
+    for s in range(SPLIT):
+        row = s * T + tok
+        if SHRINK:
+            h += tl.load(ph_ptr + row[:, None] * (E * R) + c[None, :], mask=tmask[:, None] & (c < E * R)[None, :], other=0.0)
+        if HAS_WX:
+            logits += tl.load(plogit_ptr + row[:, None] * E + col[None, :], mask=tmask[:, None] & (col < E)[None, :], other=0.0)
+        if HAS_U:
+            hu += tl.load(phu_ptr + row[:, None] * RU + j[None, :], mask=tmask[:, None] & (j < RU)[None, :], other=0.0)
+    _finish_routing(h, logits, hu, tok, tmask, uid_ptr, r_ptr, wh_ptr, h_ptr, hg_ptr, hu_ptr, logit_ptr,
+                    gate_ptr, idx_ptr, default_row, inv_temperature, E, R, RU, TOP_K, EP, ERP, RUP, KP,
+                    BLOCK_T, HAS_R, HAS_WH, HAS_U, SHRINK)
+
+
+@triton.jit
+def _expand(
+    hg_ptr, hu_ptr, order_ptr, run_ptr, run_user_ptr, b_ptr, ub_ptr, base_ptr, extra_ptr, y_ptr,
     T, scaling, user_scaling,
     OUT: tl.constexpr, E: tl.constexpr, R: tl.constexpr, RU: tl.constexpr,
     ERP: tl.constexpr, RUP: tl.constexpr, HAS_U: tl.constexpr, DENSE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """DENSE=False (grouped strategy): the experts' sum arrives in extra [T, OUT] fp32."""
-    pid_t = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    tmask = t < T
+    """DENSE=False (grouped strategy): the experts' sum arrives in extra [T, OUT] fp32.
+    y may be base_out itself (each element is read, then written, by one program)."""
+    pos, pmask, tok, prun, r_first, r_last = _block_tokens(order_ptr, run_ptr, T, BLOCK_T)
+    o = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     omask = o < OUT
-    c = tl.arange(0, ERP)
-    cmask = c < E * R
-    tom = tmask[:, None] & omask[None, :]
+    tom = pmask[:, None] & omask[None, :]
     if DENSE:
-        hg = tl.load(hg_ptr + t[:, None] * (E * R) + c[None, :], mask=tmask[:, None] & cmask[None, :], other=0.0)
+        c = tl.arange(0, ERP)
+        cmask = c < E * R
+        hg = tl.load(hg_ptr + tok[:, None] * (E * R) + c[None, :], mask=pmask[:, None] & cmask[None, :], other=0.0)
         # B [E, out, r] read as B_all^T [E*r, out]: column c = (e, i) sits at e*out*r + i.
         boff = (c // R) * (OUT * R) + (c % R)
         b = tl.load(b_ptr + boff[:, None] + o[None, :] * R, mask=cmask[:, None] & omask[None, :], other=0.0)
-        acc = tl.dot(hg, b.to(tl.float32), input_precision=PREC) * scaling
+        acc = tl.dot(hg.to(DT), b.to(DT), input_precision=PREC) * scaling
     else:
-        acc = tl.load(extra_ptr + t[:, None] * OUT + o[None, :], mask=tom, other=0.0)
+        acc = tl.load(extra_ptr + tok[:, None] * OUT + o[None, :], mask=tom, other=0.0)
     if HAS_U:
         j = tl.arange(0, RUP)
-        uid = tl.load(uid_ptr + t, mask=tmask, other=-1)
-        has_row = tmask & (uid >= 0)
-        row = tl.where(has_row, uid, 0)
-        hu = tl.load(hu_ptr + t[:, None] * RU + j[None, :], mask=has_row[:, None] & (j < RU)[None, :], other=0.0)
-        ub = tl.load(
-            ub_ptr + row[:, None, None] * (OUT * RU) + o[None, :, None] * RU + j[None, None, :],
-            mask=has_row[:, None, None] & omask[None, :, None] & (j < RU)[None, None, :],
-            other=0.0,
-        ).to(tl.float32)
-        acc += tl.sum(hu[:, None, :] * ub, axis=2) * user_scaling
-    base = tl.load(base_ptr + t[:, None] * OUT + o[None, :], mask=tom, other=0.0).to(tl.float32)
-    tl.store(y_ptr + t[:, None] * OUT + o[None, :], (base + acc).to(y_ptr.dtype.element_ty), mask=tom)
+        hu = tl.load(hu_ptr + tok[:, None] * RU + j[None, :], mask=pmask[:, None] & (j < RU)[None, :], other=0.0)
+        accu = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        for rr in range(r_first, r_last + 1):
+            u = tl.load(run_user_ptr + rr)
+            if u >= 0:
+                ub = tl.load(ub_ptr + u * (OUT * RU) + o[None, :] * RU + j[:, None],
+                             mask=(j < RU)[:, None] & omask[None, :], other=0.0)
+                hm = tl.where((prun == rr)[:, None], hu, 0.0)
+                accu = tl.dot(hm.to(DT), ub.to(DT), accu, input_precision=PREC)
+        acc += accu * user_scaling
+    base = tl.load(base_ptr + tok[:, None] * OUT + o[None, :], mask=tom, other=0.0).to(tl.float32)
+    tl.store(y_ptr + tok[:, None] * OUT + o[None, :], (base + acc).to(y_ptr.dtype.element_ty), mask=tom)
+
+
+# -- backward ---------------------------------------------------------------------------------
 
 
 @triton.jit
 def _bwd_dh(
-    dy_ptr, uid_ptr, b_ptr, ub_ptr, wh_ptr, h_ptr, logit_ptr, idx_ptr, dlext_ptr, dslot_ptr,
-    dh_ptr, dhu_ptr, dlogit_ptr,
+    dy_ptr, order_ptr, run_ptr, run_user_ptr, uid_ptr, b_ptr, ub_ptr, wh_ptr, h_ptr, logit_ptr, gate_ptr, idx_ptr,
+    dlext_ptr, dgext_ptr, dslot_ptr, dcat_ptr, dlogit_ptr, dhu_ptr,
     T, scaling, user_scaling, inv_temperature,
     OUT: tl.constexpr, E: tl.constexpr, R: tl.constexpr, RU: tl.constexpr, TOP_K: tl.constexpr,
-    EP: tl.constexpr, ERP: tl.constexpr, RUP: tl.constexpr, KP: tl.constexpr,
-    HAS_WH: tl.constexpr, HAS_U: tl.constexpr, HAS_DLEXT: tl.constexpr, DENSE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    EP: tl.constexpr, ERP: tl.constexpr, RUP: tl.constexpr, KP: tl.constexpr, CW: tl.constexpr,
+    HAS_WH: tl.constexpr, HAS_U: tl.constexpr, HAS_DLEXT: tl.constexpr, HAS_DGEXT: tl.constexpr,
+    DENSE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """DENSE=False (grouped strategy): d gate per (token, slot) arrives in dslot [T, k]."""
-    pid = tl.program_id(0).to(tl.int64)
-    t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    tmask = t < T
+    """dcat [T, CW] (input dtype) gets dh in columns [0, E*r) (dense) and d logits in
+    [E*r, E*r + E); d logits also go to dlogit [T, E] fp32. DENSE=False (grouped strategy):
+    the experts' d gate per (token, slot) arrives in dslot [T, k]."""
+    pos, pmask, tok, prun, r_first, r_last = _block_tokens(order_ptr, run_ptr, T, BLOCK_T)
     col = tl.arange(0, EP)
     c = tl.arange(0, ERP)
     cmask = c < E * R
     j = tl.arange(0, RUP)
     kcol = tl.arange(0, KP)
-    uid = tl.load(uid_ptr + t, mask=tmask, other=-1)
-    has_row = tmask & (uid >= 0)
-    row = tl.where(has_row, uid, 0)
     boff = (c // R) * (OUT * R) + (c % R)
 
     dhg = tl.zeros((BLOCK_T, ERP), dtype=tl.float32)
@@ -234,102 +317,143 @@ def _bwd_dh(
     for n0 in range(0, OUT, BLOCK_N):
         o = n0 + tl.arange(0, BLOCK_N)
         omask = o < OUT
-        dy = tl.load(dy_ptr + t[:, None] * OUT + o[None, :], mask=tmask[:, None] & omask[None, :], other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + tok[:, None] * OUT + o[None, :], mask=pmask[:, None] & omask[None, :], other=0.0).to(DT)
         if DENSE:
             b = tl.load(b_ptr + boff[None, :] + o[:, None] * R, mask=omask[:, None] & cmask[None, :], other=0.0)
-            dhg = tl.dot(dy, b.to(tl.float32), dhg, input_precision=PREC)
+            dhg = tl.dot(dy, b.to(DT), dhg, input_precision=PREC)
         if HAS_U:
-            ub = tl.load(
-                ub_ptr + row[:, None, None] * (OUT * RU) + o[None, :, None] * RU + j[None, None, :],
-                mask=has_row[:, None, None] & omask[None, :, None] & (j < RU)[None, None, :],
-                other=0.0,
-            ).to(tl.float32)
-            dhu += tl.sum(dy[:, :, None] * ub, axis=1)
+            for rr in range(r_first, r_last + 1):
+                u = tl.load(run_user_ptr + rr)
+                if u >= 0:
+                    ub = tl.load(ub_ptr + u * (OUT * RU) + o[:, None] * RU + j[None, :],
+                                 mask=omask[:, None] & (j < RU)[None, :], other=0.0)
+                    part = tl.dot(dy, ub.to(DT), input_precision=PREC)
+                    dhu += tl.where((prun == rr)[:, None], part, 0.0)
     dhg = dhg * scaling
     dhu = dhu * user_scaling
 
-    tc = tmask[:, None] & cmask[None, :]
-    te = tmask[:, None] & (col < E)[None, :]
-    logits = tl.load(logit_ptr + t[:, None] * E + col[None, :], mask=te, other=0.0)
-    idx = tl.load(idx_ptr + t[:, None] * TOP_K + kcol[None, :], mask=tmask[:, None] & (kcol < TOP_K)[None, :], other=-1)
+    te = pmask[:, None] & (col < E)[None, :]
+    tk = pmask[:, None] & (kcol < TOP_K)[None, :]
+    logits = tl.load(logit_ptr + tok[:, None] * E + col[None, :], mask=te, other=0.0)
+    idx = tl.load(idx_ptr + tok[:, None] * TOP_K + kcol[None, :], mask=tk, other=-1).to(tl.int32)
+    if DENSE:
+        h = tl.load(h_ptr + tok[:, None] * (E * R) + c[None, :], mask=pmask[:, None] & cmask[None, :], other=0.0)
+        prod = dhg * h
     kept = tl.zeros((BLOCK_T, EP), dtype=tl.float32)
     dgate = tl.zeros((BLOCK_T, EP), dtype=tl.float32)
-    for s in tl.static_range(TOP_K):
-        sel = tl.sum(tl.where(kcol[None, :] == s, idx, 0), axis=1)
+    for s in range(TOP_K):
+        sel = slot(idx, kcol, s)
+        if DENSE:  # d gate of expert e: sum over its r columns of d(g*h) * h
+            d = tl.sum(tl.where((c // R)[None, :] == sel[:, None], prod, 0.0), axis=1)
+        else:
+            d = tl.load(dslot_ptr + tok * TOP_K + s, mask=pmask, other=0.0)
+        if HAS_DGEXT:
+            d += tl.load(dgext_ptr + tok * TOP_K + s, mask=pmask, other=0.0).to(tl.float32)
         kept = tl.where(col[None, :] == sel[:, None], 1.0, kept)
-        if not DENSE:
-            ds = tl.load(dslot_ptr + t * TOP_K + s, mask=tmask, other=0.0)
-            dgate = tl.where(col[None, :] == sel[:, None], ds[:, None], dgate)
+        dgate = tl.where(col[None, :] == sel[:, None], d[:, None], dgate)
     p = softmax_rows(logits, col, E, inv_temperature)
-    if DENSE:
-        kept_sum = tl.sum(p * kept, axis=1)
-        gate_dense = p * kept / tl.where(kept_sum > 0, kept_sum, 1.0)[:, None]
-        onehot = _expand_onehot(E, R, EP, ERP).to(tl.float32)
-        gate_cols = tl.dot(gate_dense, onehot, input_precision="ieee")
-        h = tl.load(h_ptr + t[:, None] * (E * R) + c[None, :], mask=tc, other=0.0)
-        # d gate of expert e = sum over its r columns of d(g*h) * h.
-        dgate = tl.dot(dhg * h, tl.trans(onehot), input_precision="ieee")
-        tl.store(dh_ptr + t[:, None] * (E * R) + c[None, :], dhg * gate_cols, mask=tc)
     dlogits = topk_backward(p, kept, dgate, inv_temperature)
     if HAS_DLEXT:
-        dlogits += tl.load(dlext_ptr + t[:, None] * E + col[None, :], mask=te, other=0.0).to(tl.float32)
+        dlogits += tl.load(dlext_ptr + tok[:, None] * E + col[None, :], mask=te, other=0.0).to(tl.float32)
     dlogits = tl.where(te, dlogits, 0.0)
     if HAS_WH:
-        wh = tl.load(wh_ptr + col[:, None] * RU + j[None, :], mask=(col < E)[:, None] & (j < RU)[None, :], other=0.0).to(tl.float32)
-        dhu += tl.sum(dlogits[:, :, None] * wh[None, :, :], axis=1)
+        for e in range(E):  # dh_u += d logits W_h, one expert at a time (no 3-D tile)
+            dcol = tl.sum(tl.where(col[None, :] == e, dlogits, 0.0), axis=1)
+            w = tl.load(wh_ptr + e * RU + j, mask=j < RU, other=0.0).to(tl.float32)
+            dhu += dcol[:, None] * w[None, :]
 
-    tl.store(dlogit_ptr + t[:, None] * E + col[None, :], dlogits, mask=te)
+    if DENSE:
+        gates = tl.load(gate_ptr + tok[:, None] * TOP_K + kcol[None, :], mask=tk, other=0.0)
+        gc = _gate_columns(idx, gates, kcol, c, BLOCK_T, ERP, R, E * R, TOP_K)
+        tl.store(dcat_ptr + tok[:, None] * CW + c[None, :], (dhg * gc).to(dcat_ptr.dtype.element_ty),
+                 mask=pmask[:, None] & cmask[None, :])
+        tl.store(dcat_ptr + tok[:, None] * CW + E * R + col[None, :], dlogits.to(dcat_ptr.dtype.element_ty), mask=te)
+    else:
+        tl.store(dcat_ptr + tok[:, None] * CW + col[None, :], dlogits.to(dcat_ptr.dtype.element_ty), mask=te)
+    tl.store(dlogit_ptr + tok[:, None] * E + col[None, :], dlogits, mask=te)
     if HAS_U:
-        tl.store(dhu_ptr + t[:, None] * RU + j[None, :], tl.where(has_row[:, None], dhu, 0.0), mask=tmask[:, None] & (j < RU)[None, :])
+        uid = tl.load(uid_ptr + tok, mask=pmask, other=-1)
+        tl.store(dhu_ptr + tok[:, None] * RU + j[None, :], tl.where((uid >= 0)[:, None], dhu, 0.0),
+                 mask=pmask[:, None] & (j < RU)[None, :])
 
 
 @triton.jit
 def _bwd_dx(
-    dh_ptr, dhu_ptr, dlogit_ptr, uid_ptr, a_ptr, ua_ptr, wx_ptr, extra_ptr, dxl_ptr, dx_ptr,
+    dcat_ptr, dhu_ptr, order_ptr, run_ptr, run_user_ptr, a_ptr, ua_ptr, wx_ptr, extra_ptr, dxl_ptr, dx_ptr,
     T,
-    IN: tl.constexpr, E: tl.constexpr, R: tl.constexpr, RU: tl.constexpr,
-    EP: tl.constexpr, ERP: tl.constexpr, RUP: tl.constexpr,
+    IN: tl.constexpr, E: tl.constexpr, R: tl.constexpr, RU: tl.constexpr, EP: tl.constexpr, ERP: tl.constexpr,
+    RUP: tl.constexpr, CW: tl.constexpr, LOFF: tl.constexpr,
     HAS_WX: tl.constexpr, HAS_U: tl.constexpr, SAME_X: tl.constexpr, DENSE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """DENSE=False (grouped strategy): the experts' part of dx arrives in extra [T, IN] fp32."""
-    pid_t = tl.program_id(0).to(tl.int64)
-    pid_k = tl.program_id(1).to(tl.int64)
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    tmask = t < T
+    """DENSE=False (grouped strategy): the experts' part of dx arrives in extra [T, IN] fp32.
+    dcat holds dh at column 0 and d logits at column LOFF."""
+    pos, pmask, tok, prun, r_first, r_last = _block_tokens(order_ptr, run_ptr, T, BLOCK_T)
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = k < IN
-    c = tl.arange(0, ERP)
-    cmask = c < E * R
-    tk = tmask[:, None] & kmask[None, :]
+    tk = pmask[:, None] & kmask[None, :]
     if DENSE:
-        dh = tl.load(dh_ptr + t[:, None] * (E * R) + c[None, :], mask=tmask[:, None] & cmask[None, :], other=0.0)
+        c = tl.arange(0, ERP)
+        cmask = c < E * R
+        dh = tl.load(dcat_ptr + tok[:, None] * CW + c[None, :], mask=pmask[:, None] & cmask[None, :], other=0.0)
         a = tl.load(a_ptr + c[:, None] * IN + k[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
-        dxl = tl.dot(dh, a.to(tl.float32), input_precision=PREC)
+        dxl = tl.dot(dh.to(DT), a.to(DT), input_precision=PREC)
     else:
-        dxl = tl.load(extra_ptr + t[:, None] * IN + k[None, :], mask=tk, other=0.0)
+        dxl = tl.load(extra_ptr + tok[:, None] * IN + k[None, :], mask=tk, other=0.0)
     if HAS_U:
         j = tl.arange(0, RUP)
-        uid = tl.load(uid_ptr + t, mask=tmask, other=-1)
-        has_row = tmask & (uid >= 0)
-        row = tl.where(has_row, uid, 0)
-        dhu = tl.load(dhu_ptr + t[:, None] * RU + j[None, :], mask=has_row[:, None] & (j < RU)[None, :], other=0.0)
-        ua = tl.load(
-            ua_ptr + row[:, None, None] * (RU * IN) + j[None, :, None] * IN + k[None, None, :],
-            mask=has_row[:, None, None] & (j < RU)[None, :, None] & kmask[None, None, :],
-            other=0.0,
-        ).to(tl.float32)
-        dxl += tl.sum(dhu[:, :, None] * ua, axis=1)
+        dhu = tl.load(dhu_ptr + tok[:, None] * RU + j[None, :], mask=pmask[:, None] & (j < RU)[None, :], other=0.0)
+        for rr in range(r_first, r_last + 1):
+            u = tl.load(run_user_ptr + rr)
+            if u >= 0:
+                ua = tl.load(ua_ptr + u * (RU * IN) + j[:, None] * IN + k[None, :],
+                             mask=(j < RU)[:, None] & kmask[None, :], other=0.0)
+                dm = tl.where((prun == rr)[:, None], dhu, 0.0)
+                dxl = tl.dot(dm.to(DT), ua.to(DT), dxl, input_precision=PREC)
     if HAS_WX:
         col = tl.arange(0, EP)
-        dl = tl.load(dlogit_ptr + t[:, None] * E + col[None, :], mask=tmask[:, None] & (col < E)[None, :], other=0.0)
+        dl = tl.load(dcat_ptr + tok[:, None] * CW + LOFF + col[None, :], mask=pmask[:, None] & (col < E)[None, :], other=0.0)
         w = tl.load(wx_ptr + col[:, None] * IN + k[None, :], mask=(col < E)[:, None] & kmask[None, :], other=0.0)
-        dxr = tl.dot(dl, w.to(tl.float32), input_precision=PREC)
         if SAME_X:
-            dxl += dxr
+            dxl = tl.dot(dl.to(DT), w.to(DT), dxl, input_precision=PREC)
         else:
-            tl.store(dx_ptr + t[:, None] * IN + k[None, :], dxr.to(dx_ptr.dtype.element_ty), mask=tk)
-    tl.store(dxl_ptr + t[:, None] * IN + k[None, :], dxl.to(dxl_ptr.dtype.element_ty), mask=tk)
+            dxr = tl.dot(dl.to(DT), w.to(DT), input_precision=PREC)
+            tl.store(dx_ptr + tok[:, None] * IN + k[None, :], dxr.to(dx_ptr.dtype.element_ty), mask=tk)
+    tl.store(dxl_ptr + tok[:, None] * IN + k[None, :], dxl.to(dxl_ptr.dtype.element_ty), mask=tk)
+
+
+@triton.jit
+def _bank_grad(
+    l_ptr, r_ptr, order_ptr, run_user_ptr, run_start_ptr, run_end_ptr, out_ptr, scale,
+    M: tl.constexpr, N: tl.constexpr, COMPACT: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """For run r (one user u, its tokens sorted together): out[u] = scale * L[tok]^T R[tok]
+    summed over the run's tokens, [M, N]; out row r instead of u when COMPACT. A run of the
+    users without a row, or past the last run, writes nothing (out starts at zero)."""
+    rr = tl.program_id(0)
+    u = tl.load(run_user_ptr + rr)
+    start = tl.load(run_start_ptr + rr)
+    end = tl.load(run_end_ptr + rr)
+    if u >= 0:
+        m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mmask = m < M
+        nmask = n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for p0 in range(start, end, BLOCK_P):
+            pos = p0 + tl.arange(0, BLOCK_P)
+            pm = pos < end
+            tok = tl.load(order_ptr + pos, mask=pm, other=0)
+            left = tl.load(l_ptr + tok[:, None] * M + m[None, :], mask=pm[:, None] & mmask[None, :], other=0.0)
+            right = tl.load(r_ptr + tok[:, None] * N + n[None, :], mask=pm[:, None] & nmask[None, :], other=0.0)
+            acc = tl.dot(tl.trans(left.to(DT)), right.to(DT), acc, input_precision=PREC)
+        if COMPACT:
+            row = rr.to(tl.int64)
+        else:
+            row = u
+        tl.store(out_ptr + row * (M * N) + m[:, None] * N + n[None, :], (acc * scale).to(out_ptr.dtype.element_ty),
+                 mask=mmask[:, None] & nmask[None, :])
 
 
 # -- launchers ------------------------------------------------------------------------------
@@ -337,18 +461,17 @@ def _bwd_dx(
 DENSE, GROUPED = "dense", "grouped"
 STRATEGIES = (DENSE, GROUPED)
 
+# Dense is picked automatically up to this many expert columns (E*r).
+DENSE_AUTO_COLUMNS = 128
+
 
 def choose_strategy(num_experts: int, rank: int) -> str:
     """Dense-masked while all experts' columns fit a small tile, grouped beyond."""
     return DENSE if num_experts * rank <= DENSE_AUTO_COLUMNS else GROUPED
 
 
-# Dense is picked automatically up to this many expert columns (SPEC.md: E*r <= ~128).
-DENSE_AUTO_COLUMNS = 128
-
-
-class _Shapes:
-    """Sizes, paddings and the launch config of one call, computed once."""
+class _Call:
+    """Sizes, paddings, dtypes and launch configurations of one call, computed once."""
 
     def __init__(self, x2: Tensor, lora_A: Tensor, lora_B: Tensor, top_k: int, r_u: int, strategy: str) -> None:
         self.T, self.IN = x2.shape
@@ -357,72 +480,121 @@ class _Shapes:
         self.RU = r_u
         self.TOP_K = top_k
         self.dense = strategy == DENSE
+        self.ER = self.E * self.R
         self.EP = _pow2(self.E)
-        # The grouped strategy keeps no [T, E*r] tile: a minimal dummy width.
-        self.ERP = _pow2(self.E * self.R) if self.dense else 16
+        self.ERP = _pow2(self.ER) if self.dense else 16  # grouped: no [T, E*r] tile
         self.RP = _pow2(self.R)
-        self.RUP = _pow2(r_u, floor=2)
+        self.RUP = _pow2(r_u)
         self.KP = _pow2(top_k, floor=2)
-        self.BLOCK_T, self.BLOCK_K, self.BLOCK_N, self.num_warps = _config(self.ERP)
-        self.BLOCK_P = self.BLOCK_T
+        self.CW = (self.ER if self.dense else 0) + self.E  # width of the backward's dcat
+        self.dtype = x2.dtype
+        self.DT = _dot_dtype(x2.dtype)
         self.PREC = _precision(x2.dtype)
-        if self.dense and self.E * self.R > DENSE_MAX_COLUMNS:
-            raise ValueError(f"the dense Triton strategy holds E*r <= {DENSE_MAX_COLUMNS}, got {self.E * self.R}")
+        if self.dense and self.ER > DENSE_MAX_COLUMNS:
+            raise ValueError(f"the dense Triton strategy holds E*r <= {DENSE_MAX_COLUMNS}, got {self.ER}")
         if self.EP > 1024:
             raise ValueError(f"the Triton kernels route over at most 1024 experts, got {self.E}")
+        device = x2.device
+        self.target = _launch.target_of(device)
+        size = _launch.size_class(self.T)
+        width = self.ERP if self.dense else 16
+        cfg = _launch.config
+        self.shrink = cfg("shrink", self.target, size, width) if self.dense else cfg("route", self.target)
+        self.route = cfg("reduce", self.target, "any", width)
+        self.expand = cfg("expand", self.target, size, width)
+        self.bwd_dh = cfg("bwd_dh", self.target, size, width)
+        self.bwd_dx = cfg("bwd_dx", self.target, size, width)
+        self.grouped = cfg("grouped", self.target)
+        self.bank = cfg("bank_grad", self.target)
+        self.BLOCK_P = self.grouped[0]
+        self.split = 1
+        if size == "decode":  # split the features so that the shrink covers every SM
+            blocks = triton.cdiv(self.T, self.shrink[0])
+            tiles = triton.cdiv(self.IN, self.shrink[1])
+            self.split = max(1, min(tiles, triton.cdiv(_launch.num_sms(device, self.target), blocks)))
 
     def consts(self) -> dict:
-        return dict(E=self.E, R=self.R, RU=self.RU, ERP=self.ERP, RUP=self.RUP, PREC=self.PREC)
+        return dict(E=self.E, R=self.R, RU=self.RU, ERP=self.ERP, RUP=self.RUP, DT=self.DT, PREC=self.PREC)
 
     def grouped_consts(self) -> dict:
-        return dict(E=self.E, R=self.R, RP=self.RP, TOP_K=self.TOP_K, BLOCK_P=self.BLOCK_P, PREC=self.PREC,
-                    num_warps=self.num_warps)
+        return dict(E=self.E, R=self.R, RP=self.RP, TOP_K=self.TOP_K, BLOCK_P=self.BLOCK_P, DT=self.DT,
+                    PREC=self.PREC)
 
     def num_pairs(self) -> int:
         return self.T * self.TOP_K
 
 
-def _side_widths(s: _Shapes) -> tuple[int, int]:
+def _side_widths(s: _Call) -> tuple[int, int]:
     """Rows and width of the saved h and g*h: [T, E*r] dense, [T*k, r] grouped (sorted pairs)."""
-    return (s.T, s.E * s.R) if s.dense else (s.num_pairs(), s.R)
+    return (s.T, s.ER) if s.dense else (s.num_pairs(), s.R)
 
 
-def _meta_len(s: _Shapes) -> int:
+def _meta_len(s: _Call) -> int:
     if s.dense:
         return 0
     return s.num_pairs() + s.E + 1 + 2 * triton_grouped.num_blocks(s.num_pairs(), s.E, s.BLOCK_P)
 
 
-def forward(s: _Shapes, x2, xl2, base2, uid, lora_A, lora_B, scaling, temperature,
-            router_x, router_user, router_h, user_A, user_B, user_scaling):
-    """Launch the forward. All 2-D [T, *] contiguous.
+def _nbytes(*ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
-    Returns y and the side outputs the backward needs: (h, g*h, h_u, logits, gates fp32,
-    indices, meta) where meta packs the grouped schedule (empty for dense)."""
+
+def forward(s: _Call, x2, xl2, base2, table, lora_A, lora_B, scaling, temperature,
+            router_x, router_user, router_h, user_A, user_B, user_scaling, y=None):
+    """Launch the forward. All 2-D [T, *] contiguous; `table` is the plan's [6, T].
+
+    Returns y (written into `y` when given, which may be base2 itself) and the side outputs
+    the backward needs: (h, g*h, h_u, logits, gates fp32, indices, meta), meta packing the
+    grouped schedule (empty for dense)."""
     dev = x2.device
     f32 = dict(device=dev, dtype=torch.float32)
+    T, has_u = s.T, s.RU > 0
+    uid, order, run, run_user = table[UID], table[ORDER], table[RUN], table[RUN_USER]
     rows, width = _side_widths(s)
     h = _empty(rows, width, **f32)
-    hg = _empty(rows, width, **f32)
-    hu = _empty(s.T, max(s.RU, 1), **f32)
-    logits = _empty(s.T, s.E, **f32)
-    gates = _empty(s.T, s.TOP_K, **f32)
-    idx = _empty(s.T, s.TOP_K, device=dev, dtype=torch.long)
+    hg = _empty(rows, width, device=dev, dtype=x2.dtype)
+    hu = _empty(T, max(s.RU, 1), **f32)
+    logits = _empty(T, s.E, **f32)
+    gates = _empty(T, s.TOP_K, **f32)
+    idx = _empty(T, s.TOP_K, device=dev, dtype=torch.long)
     dummy = x2
-    has_u = s.RU > 0
-    _fwd_shrink_route[(triton.cdiv(s.T, s.BLOCK_T),)](
-        x2, xl2, uid, lora_A,
-        router_x if router_x is not None else dummy,
-        router_user if router_user is not None else dummy,
-        router_h if router_h is not None else dummy,
-        user_A if has_u else dummy,
-        h, hg, hu, logits, gates, idx,
-        s.T, (router_user.shape[0] - 1) if router_user is not None else 0, 1.0 / temperature,
-        IN=s.IN, TOP_K=s.TOP_K, EP=s.EP, KP=s.KP,
-        HAS_WX=router_x is not None, HAS_R=router_user is not None,
-        HAS_WH=router_h is not None and has_u, HAS_U=has_u, SAME_X=xl2 is x2, SHRINK=s.dense,
-        BLOCK_T=s.BLOCK_T, BLOCK_K=s.BLOCK_K, num_warps=s.num_warps, **s.consts(),
+    has_wx, has_r, has_wh = router_x is not None, router_user is not None, router_h is not None and has_u
+    routing = dict(HAS_R=has_r, HAS_WH=has_wh, HAS_U=has_u, SHRINK=s.dense, SPLIT=s.split)
+    default_row = (router_user.shape[0] - 1) if has_r else 0
+    weights = (lora_A if s.dense else None, router_x, user_A if has_u else None)
+    if s.split == 1:
+        outs = (h, hg, hu, logits, gates, idx)
+    else:
+        outs = (_empty(s.split, T, s.ER, **f32) if s.dense else dummy,
+                hg, _empty(s.split, T, s.RU, **f32) if has_u else dummy,
+                _empty(s.split, T, s.E, **f32) if has_wx else dummy, gates, idx)
+    bt, bk, warps, stages = s.shrink
+    same_x = xl2 is x2
+    read = _nbytes(xl2, None if same_x else x2, *weights) + (_nbytes(router_user, router_h) if s.split == 1 else 0)
+    written = (_nbytes(h, hg, hu, logits, gates, idx) if s.split == 1
+               else 4 * s.split * T * ((s.ER if s.dense else 0) + (s.E if has_wx else 0) + s.RU))
+    flops = 2 * T * s.IN * ((s.ER if s.dense else 0) + (s.E if has_wx else 0) + s.RU)
+    _launch.launch(
+        _shrink, (triton.cdiv(T, bt), s.split),
+        (x2, xl2, order, run, run_user, uid, lora_A, router_x if has_wx else dummy,
+         user_A if has_u else dummy, router_user if has_r else dummy, router_h if has_wh else dummy,
+         outs[0], outs[1], outs[2], outs[3], outs[4], outs[5],
+         T, default_row, 1.0 / temperature),
+        dict(IN=s.IN, TOP_K=s.TOP_K, EP=s.EP, KP=s.KP, HAS_WX=has_wx, SAME_X=same_x, BLOCK_T=bt, BLOCK_K=bk,
+             **routing, **s.consts()),
+        warps, stages, bytes=read + written, flops=flops, note="shrink + route" if s.split == 1 else "shrink (split-K)",
     )
+    if s.split > 1:
+        bt, _, warps, stages = s.route
+        _launch.launch(
+            _route, (triton.cdiv(T, bt),),
+            (outs[0], outs[3], outs[2], uid, router_user if has_r else dummy, router_h if has_wh else dummy,
+             h, hg, hu, logits, gates, idx, T, default_row, 1.0 / temperature),
+            dict(E=s.E, R=s.R, RU=s.RU, TOP_K=s.TOP_K, EP=s.EP, ERP=s.ERP, RUP=s.RUP, KP=s.KP, HAS_WX=has_wx,
+                 BLOCK_T=bt, **routing),
+            warps, stages, bytes=written + _nbytes(h, hg, hu, logits, gates, idx, router_user, router_h),
+            note="route (sum split-K partials)",
+        )
     extra = dummy
     meta = torch.empty(0, dtype=torch.long, device=dev)
     if not s.dense:
@@ -430,98 +602,182 @@ def forward(s: _Shapes, x2, xl2, base2, uid, lora_A, lora_B, scaling, temperatur
         meta = sched.pack()
         nb = sched.block_expert.numel()
         args = (sched.order, sched.seg, sched.block_expert, sched.block_start)
-        triton_grouped._shrink[(nb,)](xl2, lora_A, gates, *args, h, hg, IN=s.IN, BLOCK_K=s.BLOCK_K, **s.grouped_consts())
-        extra = torch.zeros(s.T, s.OUT, **f32)  # accumulated by atomic adds: must start at 0
-        triton_grouped._expand[(nb, triton.cdiv(s.OUT, s.BLOCK_N))](
-            hg, lora_B, *args, extra, scaling, OUT=s.OUT, BLOCK_N=s.BLOCK_N, **s.grouped_consts()
-        )
-    y = _empty(s.T, s.OUT, device=dev, dtype=base2.dtype)
-    grid = (triton.cdiv(s.T, s.BLOCK_T), triton.cdiv(s.OUT, s.BLOCK_N))
-    _fwd_expand[grid](
-        hg, hu, uid, lora_B, user_B if has_u else dummy, base2, extra, y,
-        s.T, scaling, user_scaling,
-        OUT=s.OUT, HAS_U=has_u, DENSE=s.dense, BLOCK_T=s.BLOCK_T, BLOCK_N=s.BLOCK_N, num_warps=s.num_warps,
-        **s.consts(),
+        _, bk, warps, stages = s.grouped
+        P = s.num_pairs()
+        _launch.launch(triton_grouped._shrink, (nb,), (xl2, lora_A, gates, *args, h, hg),
+                       dict(IN=s.IN, BLOCK_K=bk, **s.grouped_consts()), warps, stages,
+                       bytes=s.TOP_K * _nbytes(xl2) + _nbytes(lora_A, h, hg), flops=2 * P * s.IN * s.R,
+                       note="grouped shrink")
+        extra = torch.zeros(T, s.OUT, **f32)  # accumulated by atomic adds: must start at 0
+        _launch.launch(triton_grouped._expand, (nb, triton.cdiv(s.OUT, bk)), (hg, lora_B, *args, extra, scaling),
+                       dict(OUT=s.OUT, BLOCK_N=bk, **s.grouped_consts()), warps, stages,
+                       bytes=_nbytes(hg, lora_B) + 2 * s.TOP_K * _nbytes(extra), flops=2 * P * s.OUT * s.R,
+                       note="grouped expand (fp32 atomics)")
+    if y is None:
+        y = _empty(T, s.OUT, device=dev, dtype=base2.dtype)
+    bt, bn, warps, stages = s.expand
+    _launch.launch(
+        _expand, (triton.cdiv(T, bt), triton.cdiv(s.OUT, bn)),
+        (hg, hu, order, run, run_user, lora_B, user_B if has_u else dummy, base2, extra, y, T, scaling, user_scaling),
+        dict(OUT=s.OUT, HAS_U=has_u, DENSE=s.dense, BLOCK_T=bt, BLOCK_N=bn, **s.consts()),
+        warps, stages,
+        bytes=_nbytes(base2, y, lora_B if s.dense else extra, user_B if has_u else None) + (_nbytes(hg) if s.dense else 0)
+        + (_nbytes(hu) if has_u else 0),
+        flops=2 * T * s.OUT * ((s.ER if s.dense else 0) + s.RU), note="expand (adds into base_out)",
     )
     return y, (h, hg, hu, logits, gates, idx, meta)
 
 
-def _segment_gemm(s: _Shapes, sched, left, right, M, N, left_by_token, right_by_token, scale, dtype):
-    out = _empty(s.E, M, N, device=left.device, dtype=torch.float32)
+def _segment_gemm(s: _Call, sched, left, right, M, N, left_by_token, right_by_token, scale, dtype):
+    out = _empty(s.E, M, N, device=left.device, dtype=dtype)
     bm, bn = min(_pow2(M), 64), min(_pow2(N), 64)
-    triton_grouped._segment_gemm[(s.E, triton.cdiv(M, bm), triton.cdiv(N, bn))](
-        left, right, sched.order, sched.seg, out, scale,
-        M=M, N=N, L_BY_TOKEN=left_by_token, R_BY_TOKEN=right_by_token, TOP_K=s.TOP_K,
-        BLOCK_P=s.BLOCK_P, BLOCK_M=bm, BLOCK_N=bn, PREC=s.PREC, num_warps=s.num_warps,
+    _, _, warps, stages = s.grouped
+    _launch.launch(
+        triton_grouped._segment_gemm, (s.E, triton.cdiv(M, bm), triton.cdiv(N, bn)),
+        (left, right, sched.order, sched.seg, out, scale),
+        dict(M=M, N=N, L_BY_TOKEN=left_by_token, R_BY_TOKEN=right_by_token, TOP_K=s.TOP_K, BLOCK_P=s.BLOCK_P,
+             BLOCK_M=bm, BLOCK_N=bn, DT=s.DT, PREC=s.PREC),
+        warps, stages, bytes=_nbytes(out, left, right), flops=2 * s.num_pairs() * M * N, note="grouped weight gradient",
     )
-    return out.to(dtype)
+    return out
 
 
-def backward(s: _Shapes, dy2, dlext, saved, x2, xl2, uid, groups, lora_A, lora_B, scaling, temperature,
-             router_x, router_user, router_h, user_A, user_B, user_scaling, needs):
-    """Gradients for (x, x_lora, lora_A, lora_B, router_x, router_user, router_h, user_A, user_B)."""
+def _bank_grad_launch(s: _Call, table, left, right, M, N, scale, out, compact, max_runs):
+    """out[u] (or out[r] when compact) = scale * sum over the run of user u of L^T R."""
+    bp, bmn, warps, stages = s.bank
+    bm, bn = min(_pow2(M), bmn), min(_pow2(N), bmn)
+    _launch.launch(
+        _bank_grad, (max_runs, triton.cdiv(M, bm), triton.cdiv(N, bn)),
+        (left, right, table[ORDER], table[RUN_USER], table[RUN_START], table[RUN_END], out, scale),
+        dict(M=M, N=N, COMPACT=compact, BLOCK_P=bp, BLOCK_M=bm, BLOCK_N=bn, DT=s.DT, PREC=s.PREC),
+        warps, stages, bytes=_nbytes(left, right) + (out.numel() * out.element_size() if compact else
+                                                     min(out.numel(), max_runs * M * N) * out.element_size()),
+        flops=2 * s.T * M * N, note="user bank gradient (per run)",
+    )
+    return out
+
+
+def backward(s: _Call, dy2, dgates, dlext, saved, x2, xl2, table, max_runs, lora_A, lora_B, scaling, temperature,
+             router_x, router_user, router_h, user_A, user_B, user_scaling, needs, compact):
+    """Gradients by name: x, x_lora, lora_A, lora_B, router_x, router_user, router_h, user_A,
+    user_B (absent: not needed). compact: the bank's as [max_runs, ...] rows of the runs, for
+    a sparse gradient."""
     h, hg, hu, logits, gates, idx, meta = saved
     has_u = s.RU > 0
     dev = x2.device
     f32 = dict(device=dev, dtype=torch.float32)
+    T = s.T
+    order, run, run_user, uid = table[ORDER], table[RUN], table[RUN_USER], table[UID]
     dy2 = dy2.contiguous()
-    rows, width = _side_widths(s)
-    dh = _empty(rows, width, **f32)
-    dhu = _empty(s.T, max(s.RU, 1), **f32)
-    dlogits = _empty(s.T, s.E, **f32)
+    dcat = _empty(T, s.CW, device=dev, dtype=x2.dtype)
+    dhu = _empty(T, max(s.RU, 1), **f32)
+    dlogits = _empty(T, s.E, **f32)
     dummy = x2
     dslot = dummy
     extra = dummy
+    has_wh = router_h is not None and has_u
     if not s.dense:
         sched = triton_grouped.Schedule.unpack(meta, s.num_pairs(), s.E, s.BLOCK_P)
         nb = sched.block_expert.numel()
         args = (sched.order, sched.seg, sched.block_expert, sched.block_start)
-        dslot = _empty(s.T, s.TOP_K, **f32)
-        triton_grouped._bwd_dh[(nb,)](
-            dy2, lora_B, h, gates, *args, dh, dslot, scaling, OUT=s.OUT, BLOCK_N=s.BLOCK_N, **s.grouped_consts()
-        )
-        extra = torch.zeros(s.T, s.IN, **f32)  # accumulated by atomic adds: must start at 0
-        triton_grouped._bwd_dx[(nb, triton.cdiv(s.IN, s.BLOCK_K))](
-            dh, lora_A, *args, extra, IN=s.IN, BLOCK_K=s.BLOCK_K, **s.grouped_consts()
-        )
-    _bwd_dh[(triton.cdiv(s.T, s.BLOCK_T),)](
-        dy2, uid, lora_B, user_B if has_u else dummy, router_h if router_h is not None else dummy,
-        h, logits, idx, dlext.contiguous() if dlext is not None else dummy, dslot,
-        dh, dhu, dlogits,
-        s.T, scaling, user_scaling, 1.0 / temperature,
-        OUT=s.OUT, TOP_K=s.TOP_K, EP=s.EP, KP=s.KP,
-        HAS_WH=router_h is not None and has_u, HAS_U=has_u, HAS_DLEXT=dlext is not None, DENSE=s.dense,
-        BLOCK_T=s.BLOCK_T, BLOCK_N=s.BLOCK_N, num_warps=s.num_warps, **s.consts(),
+        dslot = _empty(T, s.TOP_K, **f32)
+        dh = _empty(s.num_pairs(), s.R, **f32)
+        _, bk, warps, stages = s.grouped
+        _launch.launch(triton_grouped._bwd_dh, (nb,), (dy2, lora_B, h, gates, *args, dh, dslot, scaling),
+                       dict(OUT=s.OUT, BLOCK_N=bk, **s.grouped_consts()), warps, stages,
+                       bytes=s.TOP_K * _nbytes(dy2) + _nbytes(lora_B, h, dh, dslot), flops=2 * s.num_pairs() * s.OUT * s.R,
+                       note="grouped d(g h)")
+        extra = torch.zeros(T, s.IN, **f32)  # accumulated by atomic adds: must start at 0
+        _launch.launch(triton_grouped._bwd_dx, (nb, triton.cdiv(s.IN, bk)), (dh, lora_A, *args, extra),
+                       dict(IN=s.IN, BLOCK_K=bk, **s.grouped_consts()), warps, stages,
+                       bytes=_nbytes(dh, lora_A) + 2 * s.TOP_K * _nbytes(extra), flops=2 * s.num_pairs() * s.IN * s.R,
+                       note="grouped dx (fp32 atomics)")
+    bt, bn, warps, stages = s.bwd_dh
+    _launch.launch(
+        _bwd_dh, (triton.cdiv(T, bt),),
+        (dy2, order, run, run_user, uid, lora_B, user_B if has_u else dummy, router_h if has_wh else dummy,
+         h, logits, gates, idx, dlext.contiguous() if dlext is not None else dummy,
+         dgates.contiguous() if dgates is not None else dummy, dslot, dcat, dlogits, dhu,
+         T, scaling, user_scaling, 1.0 / temperature),
+        dict(OUT=s.OUT, TOP_K=s.TOP_K, EP=s.EP, KP=s.KP, CW=s.CW, HAS_WH=has_wh, HAS_U=has_u,
+             HAS_DLEXT=dlext is not None, HAS_DGEXT=dgates is not None, DENSE=s.dense, BLOCK_T=bt, BLOCK_N=bn,
+             **s.consts()),
+        warps, stages,
+        bytes=_nbytes(dy2, lora_B if s.dense else None, user_B if has_u else None, dcat, dlogits, dhu, logits, gates, idx)
+        + (_nbytes(h) if s.dense else 0),
+        flops=2 * T * s.OUT * ((s.ER if s.dense else 0) + s.RU), note="backward: d h, d logits, d h_u",
     )
     same_x = xl2 is x2
+    has_wx = router_x is not None
     dxl = _empty(*xl2.shape, device=dev, dtype=xl2.dtype)
-    dx = dxl if same_x or router_x is None else _empty(*x2.shape, device=dev, dtype=x2.dtype)
-    _bwd_dx[(triton.cdiv(s.T, s.BLOCK_T), triton.cdiv(s.IN, s.BLOCK_K))](
-        dh, dhu, dlogits, uid, lora_A, user_A if has_u else dummy,
-        router_x if router_x is not None else dummy, extra, dxl, dx,
-        s.T, IN=s.IN, EP=s.EP,
-        HAS_WX=router_x is not None, HAS_U=has_u, SAME_X=same_x, DENSE=s.dense,
-        BLOCK_T=s.BLOCK_T, BLOCK_K=s.BLOCK_K, num_warps=s.num_warps, **s.consts(),
+    dx = dxl if same_x or not has_wx else _empty(*x2.shape, device=dev, dtype=x2.dtype)
+    bt, bk, warps, stages = s.bwd_dx
+    _launch.launch(
+        _bwd_dx, (triton.cdiv(T, bt), triton.cdiv(s.IN, bk)),
+        (dcat, dhu, order, run, run_user, lora_A, user_A if has_u else dummy, router_x if has_wx else dummy,
+         extra, dxl, dx, T),
+        dict(IN=s.IN, EP=s.EP, CW=s.CW, LOFF=s.ER if s.dense else 0, HAS_WX=has_wx, HAS_U=has_u, SAME_X=same_x,
+             DENSE=s.dense, BLOCK_T=bt, BLOCK_K=bk, **s.consts()),
+        warps, stages,
+        bytes=_nbytes(dcat, dxl, None if dx is dxl else dx, lora_A if s.dense else extra, router_x,
+                      user_A if has_u else None) + (_nbytes(dhu) if has_u else 0),
+        flops=2 * T * s.IN * ((s.ER if s.dense else 0) + (s.E if has_wx else 0) + s.RU), note="backward: dx",
     )
-    if same_x:
-        dx_out, dxl_out = dxl, None
+    grads: dict = dict(x=dxl if same_x else (dx if has_wx else None), x_lora=None if same_x else dxl)
+    # Weight gradients of the experts and the token router: GEMMs over the tokens in the input
+    # dtype (fp32 accumulation); one pass over x for both when they read the same x.
+    need_a = s.dense and needs["lora_A"] and scaling != 0.0
+    need_wx = has_wx and needs["router_x"]
+    dl_cols = dcat[:, (s.ER if s.dense else 0):]
+    if need_a and need_wx and same_x:
+        both = _matmul_t(dcat, xl2)
+        # One GEMM, two gradients; the router's few rows are copied out (op outputs may not alias).
+        grads["lora_A"], grads["router_x"] = both[: s.ER].reshape(lora_A.shape), both[s.ER:].clone()
     else:
-        dx_out = dx if router_x is not None else None
-        dxl_out = dxl
-    grads = dict(x=dx_out, x_lora=dxl_out)
-    if s.dense:
-        if needs["lora_A"]:
-            grads["lora_A"] = (dh.t() @ xl2.float()).reshape(lora_A.shape).to(lora_A.dtype)
-        if needs["lora_B"]:
-            grads["lora_B"] = ((dy2.float().t() @ hg) * scaling).reshape(s.OUT, s.E, s.R).permute(1, 0, 2).to(lora_B.dtype)
-    else:
-        if needs["lora_A"]:
-            grads["lora_A"] = _segment_gemm(s, sched, dh, xl2, s.R, s.IN, False, True, 1.0, lora_A.dtype)
-        if needs["lora_B"]:
-            grads["lora_B"] = _segment_gemm(s, sched, dy2, hg, s.OUT, s.R, True, False, scaling, lora_B.dtype)
-    grads.update(router_and_bank_grads(dlogits, dhu, dy2, x2, xl2, hu, uid, groups, router_x, router_user, router_h,
-                                       user_A, user_B, user_scaling, needs))
+        if need_a:
+            grads["lora_A"] = _matmul_t(dcat[:, : s.ER], xl2).reshape(lora_A.shape)
+        if need_wx:
+            grads["router_x"] = _matmul_t(dl_cols, x2)
+    if scaling != 0.0:
+        if s.dense:
+            if needs["lora_B"]:
+                gb = _matmul_t(dy2, hg, scale=scaling)  # [out, E*r]
+                grads["lora_B"] = gb.reshape(s.OUT, s.E, s.R).permute(1, 0, 2).contiguous()
+        else:
+            if needs["lora_A"]:
+                grads["lora_A"] = _segment_gemm(s, sched, dh, xl2, s.R, s.IN, False, True, 1.0, lora_A.dtype)
+            if needs["lora_B"]:
+                grads["lora_B"] = _segment_gemm(s, sched, dy2, hg, s.OUT, s.R, True, False, scaling, lora_B.dtype)
+    if router_user is not None and needs["router_user"]:
+        rows = torch.where(uid >= 0, uid, router_user.shape[0] - 1)
+        if compact:
+            grads["router_user"] = (rows, dlogits.to(router_user.dtype))
+        else:
+            table_grad = torch.zeros(router_user.shape, **f32)
+            grads["router_user"] = table_grad.index_add_(0, rows, dlogits).to(router_user.dtype)
+    if has_wh and needs["router_h"]:
+        grads["router_h"] = (dlogits.t() @ hu).to(router_h.dtype)
+    if has_u:
+        bank_rows = max_runs if compact else user_A.shape[0]
+        if needs["user_A"]:
+            out = torch.zeros(bank_rows, s.RU, s.IN, device=dev, dtype=user_A.dtype)
+            grads["user_A"] = _bank_grad_launch(s, table, dhu, xl2, s.RU, s.IN, 1.0, out, compact, max_runs)
+        if needs["user_B"]:
+            out = torch.zeros(bank_rows, s.OUT, s.RU, device=dev, dtype=user_B.dtype)
+            grads["user_B"] = _bank_grad_launch(s, table, dy2, hu, s.OUT, s.RU, user_scaling, out, compact, max_runs)
     return grads
+
+
+def _matmul_t(left: Tensor, right: Tensor, scale: float = 1.0) -> Tensor:
+    """scale * left^T right over the tokens, in the input dtype with fp32 accumulation
+    (cuBLAS); recorded as a launch inside ``launch.recording`` (meta tensors)."""
+    out = left.t() @ right
+    if scale != 1.0:
+        out = out * scale
+    if left.device.type == "meta":
+        _launch.record_external("matmul", bytes=_nbytes(left, right, out),
+                                flops=2 * left.shape[0] * left.shape[1] * right.shape[1])
+    return out
 
 
 # -- torch.library ops: torch.compile and CUDA graphs see each direction as one op ------------
@@ -529,130 +785,219 @@ def backward(s: _Shapes, dy2, dlext, saved, x2, xl2, uid, groups, lora_A, lora_B
 _GRAD_NAMES = ("x", "x_lora", "lora_A", "lora_B", "router_x", "router_user", "router_h", "user_A", "user_B")
 
 
-def _shapes_of(x: Tensor, lora_A: Tensor, lora_B: Tensor, top_k: int, user_A: Optional[Tensor], strategy: str):
+def _call_of(x: Tensor, lora_A: Tensor, lora_B: Tensor, top_k: int, user_A: Optional[Tensor], strategy: str):
     x2 = x.reshape(-1, x.shape[-1])
-    return _Shapes(x2, lora_A, lora_B, top_k, user_A.shape[1] if user_A is not None else 0, strategy)
+    return _Call(x2, lora_A, lora_B, top_k, user_A.shape[1] if user_A is not None else 0, strategy)
 
 
 def _contiguous(*ts):
     return [t.contiguous() if t is not None else None for t in ts]
 
 
+def _run_forward(x, x_lora, base_out, plan, lora_A, lora_B, router_x, router_user, router_h, user_A, user_B,
+                 scaling, top_k, temperature, user_scaling, same_x, strategy, in_place):
+    s = _call_of(x, lora_A, lora_B, top_k, user_A, strategy)
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    xl2 = x2 if same_x else x_lora.reshape(-1, x.shape[-1]).contiguous()
+    base2 = base_out.reshape(-1, base_out.shape[-1])
+    if not base2.is_contiguous():
+        base2, in_place = base2.contiguous(), False
+    p = _contiguous(lora_A, lora_B, router_x, router_user, router_h, user_A, user_B)
+    y, side = forward(s, x2, xl2, base2, plan, *p[:2], scaling, temperature, *p[2:], user_scaling,
+                      y=base2 if in_place else None)
+    return y, side
+
+
 @torch.library.custom_op("proper::triton_linear_fwd", mutates_args=())
 def _fwd_op(
-    x: Tensor, x_lora: Tensor, base_out: Tensor, uid: Tensor, lora_A: Tensor, lora_B: Tensor,
+    x: Tensor, x_lora: Tensor, base_out: Tensor, plan: Tensor, lora_A: Tensor, lora_B: Tensor,
     router_x: Optional[Tensor], router_user: Optional[Tensor], router_h: Optional[Tensor],
     user_A: Optional[Tensor], user_B: Optional[Tensor],
-    scaling: float, top_k: int, temperature: float, user_scaling: float, same_x: bool, groups: int, strategy: str,
+    scaling: float, top_k: int, temperature: float, user_scaling: float, same_x: bool, max_runs: int, strategy: str,
+    compact: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, logits fp32, gates fp32, indices, h, g*h, h_u, schedule): y shaped like base_out.
 
-    groups: the number of sequences when each holds one user (0: ids per token); the
-    backward uses it to sum the user bank's gradient per sequence."""
-    s = _shapes_of(x, lora_A, lora_B, top_k, user_A, strategy)
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    xl2 = x2 if same_x else x_lora.reshape(-1, x.shape[-1]).contiguous()
-    base2 = base_out.reshape(-1, base_out.shape[-1]).contiguous()
-    p = _contiguous(lora_A, lora_B, router_x, router_user, router_h, user_A, user_B)
-    y, side = forward(s, x2, xl2, base2, uid, *p[:2], scaling, temperature, *p[2:], user_scaling)
+    plan: a BatchPlan's table [6, T]; max_runs: its bound on the runs; compact: the
+    backward gives the bank and the user router sparse gradients."""
+    y, side = _run_forward(x, x_lora, base_out, plan, lora_A, lora_B, router_x, router_user, router_h, user_A,
+                           user_B, scaling, top_k, temperature, user_scaling, same_x, strategy, False)
     return (y.reshape(base_out.shape),) + side[3:6] + side[:3] + (side[6],)
 
 
 @_fwd_op.register_fake
-def _(x, x_lora, base_out, uid, lora_A, lora_B, router_x, router_user, router_h, user_A, user_B,
-      scaling, top_k, temperature, user_scaling, same_x, groups, strategy):
-    s = _shapes_of(x, lora_A, lora_B, top_k, user_A, strategy)
+def _(x, x_lora, base_out, plan, lora_A, lora_B, router_x, router_user, router_h, user_A, user_B,
+      scaling, top_k, temperature, user_scaling, same_x, max_runs, strategy, compact):
+    s = _call_of(x, lora_A, lora_B, top_k, user_A, strategy)
     rows, width = _side_widths(s)
     f32 = dict(dtype=torch.float32)
     return (
         base_out.new_empty(base_out.shape), x.new_empty(s.T, s.E, **f32), x.new_empty(s.T, top_k, **f32),
         x.new_empty(s.T, top_k, dtype=torch.long), x.new_empty(rows, width, **f32),
-        x.new_empty(rows, width, **f32), x.new_empty(s.T, max(s.RU, 1), **f32),
+        x.new_empty(rows, width), x.new_empty(s.T, max(s.RU, 1), **f32),
         x.new_empty(_meta_len(s), dtype=torch.long),
     )
 
 
+@torch.library.custom_op("proper::triton_linear_fwd_", mutates_args=("base_out",))
+def _fwd_inplace_op(
+    x: Tensor, x_lora: Tensor, base_out: Tensor, plan: Tensor, lora_A: Tensor, lora_B: Tensor,
+    router_x: Optional[Tensor], router_user: Optional[Tensor], router_h: Optional[Tensor],
+    user_A: Optional[Tensor], user_B: Optional[Tensor],
+    scaling: float, top_k: int, temperature: float, user_scaling: float, same_x: bool, strategy: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Inference: the adapters are added into base_out's own memory (vLLM's add_inputs).
+    Returns (logits fp32, gates fp32, indices)."""
+    y, side = _run_forward(x, x_lora, base_out, plan, lora_A, lora_B, router_x, router_user, router_h, user_A,
+                           user_B, scaling, top_k, temperature, user_scaling, same_x, strategy, True)
+    if y.data_ptr() != base_out.data_ptr():  # base_out was not contiguous: copy back
+        base_out.copy_(y.reshape(base_out.shape))
+    return side[3], side[4], side[5]
+
+
+@_fwd_inplace_op.register_fake
+def _(x, x_lora, base_out, plan, lora_A, lora_B, router_x, router_user, router_h, user_A, user_B,
+      scaling, top_k, temperature, user_scaling, same_x, strategy):
+    T = plan.shape[1]
+    f32 = dict(dtype=torch.float32)
+    return (x.new_empty(T, lora_A.shape[0], **f32), x.new_empty(T, top_k, **f32),
+            x.new_empty(T, top_k, dtype=torch.long))
+
+
 @torch.library.custom_op("proper::triton_linear_bwd", mutates_args=())
 def _bwd_op(
-    dy: Tensor, dlogits: Optional[Tensor], x: Tensor, x_lora: Tensor, uid: Tensor, groups: int,
+    dy: Tensor, dgates: Optional[Tensor], dlogits: Optional[Tensor], x: Tensor, x_lora: Tensor, plan: Tensor,
     lora_A: Tensor, lora_B: Tensor, router_x: Optional[Tensor], router_user: Optional[Tensor],
     router_h: Optional[Tensor], user_A: Optional[Tensor], user_B: Optional[Tensor],
     logits: Tensor, gates: Tensor, idx: Tensor, h: Tensor, hg: Tensor, hu: Tensor, meta: Tensor,
-    scaling: float, top_k: int, temperature: float, user_scaling: float, same_x: bool, strategy: str,
-    needs: list[bool],
+    scaling: float, top_k: int, temperature: float, user_scaling: float, same_x: bool, max_runs: int, strategy: str,
+    needs: list[bool], compact: bool,
 ) -> list[Tensor]:
-    """Gradients in the order of _GRAD_NAMES; an empty tensor stands for no gradient."""
-    s = _shapes_of(x, lora_A, lora_B, top_k, user_A, strategy)
+    """Gradients in the order of _GRAD_NAMES (an empty tensor: no gradient), then, with
+    compact, the user router's rows. compact: the bank's gradients as [max_runs, ...] values
+    (rows: the plan's run users) and the user router's as [T, E] values."""
+    s = _call_of(x, lora_A, lora_B, top_k, user_A, strategy)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     xl2 = x2 if same_x else x_lora.reshape(-1, x.shape[-1]).contiguous()
     p = _contiguous(lora_A, lora_B, router_x, router_user, router_h, user_A, user_B)
     g = backward(
-        s, dy.reshape(-1, dy.shape[-1]), dlogits, (h, hg, hu, logits, gates, idx, meta), x2, xl2, uid,
-        groups or None, *p[:2], scaling, temperature, *p[2:], user_scaling, dict(zip(_GRAD_NAMES[2:], needs)),
+        s, dy.reshape(-1, dy.shape[-1]), dgates, dlogits, (h, hg, hu, logits, gates, idx, meta), x2, xl2, plan,
+        max_runs, *p[:2], scaling, temperature, *p[2:], user_scaling, dict(zip(_GRAD_NAMES[2:], needs)), compact,
     )
-    return [x.new_empty(0) if g.get(n) is None else g[n].reshape(x.shape) if n in ("x", "x_lora") else g[n]
-            for n in _GRAD_NAMES]
+    rows = x.new_empty(0, dtype=torch.long)
+    if compact and isinstance(g.get("router_user"), tuple):
+        rows, g["router_user"] = g["router_user"]
+    out = [x.new_empty(0) if g.get(n) is None else g[n].reshape(x.shape) if n in ("x", "x_lora") else g[n]
+           for n in _GRAD_NAMES]
+    return out + [rows]
 
 
-def _grad_present(name, same_x, router_x, has_u, router_user, router_h, needs):
+def _grad_present(name, same_x, router_x, has_u, router_user, router_h, needs, scaling):
     if name == "x":
         return same_x or router_x is not None
     if name == "x_lora":
         return not same_x
     need = dict(zip(_GRAD_NAMES[2:], needs))[name]
-    present = dict(lora_A=True, lora_B=True, router_x=router_x is not None, router_user=router_user is not None,
-                   router_h=router_h is not None and has_u, user_A=has_u, user_B=has_u)[name]
+    present = dict(lora_A=scaling != 0.0, lora_B=scaling != 0.0, router_x=router_x is not None,
+                   router_user=router_user is not None, router_h=router_h is not None and has_u,
+                   user_A=has_u, user_B=has_u)[name]
     return need and present
 
 
 @_bwd_op.register_fake
-def _(dy, dlogits, x, x_lora, uid, groups, lora_A, lora_B, router_x, router_user, router_h, user_A, user_B,
-      logits, gates, idx, h, hg, hu, meta, scaling, top_k, temperature, user_scaling, same_x, strategy, needs):
+def _(dy, dgates, dlogits, x, x_lora, plan, lora_A, lora_B, router_x, router_user, router_h, user_A, user_B,
+      logits, gates, idx, h, hg, hu, meta, scaling, top_k, temperature, user_scaling, same_x, max_runs, strategy,
+      needs, compact):
     has_u = user_A is not None and user_A.shape[1] > 0
     like = dict(x=x, x_lora=x, lora_A=lora_A, lora_B=lora_B, router_x=router_x, router_user=router_user,
                 router_h=router_h, user_A=user_A, user_B=user_B)
-    return [torch.empty_like(like[n]) if _grad_present(n, same_x, router_x, has_u, router_user, router_h, needs)
-            else x.new_empty(0) for n in _GRAD_NAMES]
+    out = []
+    for n in _GRAD_NAMES:
+        if not _grad_present(n, same_x, router_x, has_u, router_user, router_h, needs, scaling):
+            out.append(x.new_empty(0))
+        elif compact and n in ("user_A", "user_B"):
+            out.append(like[n].new_empty((max_runs,) + tuple(like[n].shape[1:])))
+        elif compact and n == "router_user":
+            out.append(router_user.new_empty(plan.shape[1], router_user.shape[1]))
+        else:
+            out.append(torch.empty_like(like[n]))
+    rows_present = compact and _grad_present("router_user", same_x, router_x, has_u, router_user, router_h, needs,
+                                             scaling)
+    out.append(x.new_empty(plan.shape[1] if rows_present else 0, dtype=torch.long))
+    return out
 
 
 def _setup_context(ctx, inputs, output):
-    (x, x_lora, base_out, uid, lora_A, lora_B, router_x, router_user, router_h, user_A, user_B,
-     scaling, top_k, temperature, user_scaling, same_x, groups, strategy) = inputs
+    (x, x_lora, base_out, plan, lora_A, lora_B, router_x, router_user, router_h, user_A, user_B,
+     scaling, top_k, temperature, user_scaling, same_x, max_runs, strategy, compact) = inputs
     _, logits, gates, idx, h, hg, hu, meta = output
-    ctx.save_for_backward(x, x_lora, uid, lora_A, lora_B, router_x, router_user, router_h, user_A, user_B,
+    ctx.save_for_backward(x, x_lora, plan, lora_A, lora_B, router_x, router_user, router_h, user_A, user_B,
                           logits, gates, idx, h, hg, hu, meta)
-    ctx.consts = (groups, scaling, top_k, temperature, user_scaling, same_x, strategy)
-    ctx.mark_non_differentiable(gates, idx, h, hg, hu, meta)
+    ctx.consts = (scaling, top_k, temperature, user_scaling, same_x, max_runs, strategy)
+    ctx.sparse = compact
+    ctx.shapes = (None if router_user is None else router_user.shape, None if user_A is None else user_A.shape,
+                  None if user_B is None else user_B.shape)
+    ctx.mark_non_differentiable(idx, h, hg, hu, meta)
 
 
-def _backward(ctx, dy, dlogits, *_unused):
+def _backward(ctx, dy, dlogits, dgates, *_unused):
     saved = ctx.saved_tensors
     x = saved[0]
-    groups, scaling, top_k, temperature, user_scaling, same_x, strategy = ctx.consts
+    scaling, top_k, temperature, user_scaling, same_x, max_runs, strategy = ctx.consts
+    compact = ctx.sparse
     needs = list(ctx.needs_input_grad[4:11])
-    grads = _bwd_op(dy, dlogits, *saved[:3], groups, *saved[3:], scaling, top_k, temperature, user_scaling,
-                    same_x, strategy, needs)
-    g = dict(zip(_GRAD_NAMES, grads))
+    grads = _bwd_op(dy, dgates, dlogits, *saved[:3], *saved[3:], scaling, top_k, temperature, user_scaling,
+                    same_x, max_runs, strategy, needs, compact)
+    rows = grads[-1]
+    g = dict(zip(_GRAD_NAMES, grads[:-1]))
     g = {n: (t if t.numel() or (n in ("x", "x_lora") and t.shape == x.shape) else None) for n, t in g.items()}
+    if compact:
+        plan = saved[2]
+        ru_shape, ua_shape, ub_shape = ctx.shapes
+        users = plan[RUN_USER][:max_runs].clamp(min=0)[None]
+        if g["user_A"] is not None:
+            g["user_A"] = torch.sparse_coo_tensor(users, g["user_A"], ua_shape, check_invariants=False)
+        if g["user_B"] is not None:
+            g["user_B"] = torch.sparse_coo_tensor(users, g["user_B"], ub_shape, check_invariants=False)
+        if g["router_user"] is not None:
+            g["router_user"] = torch.sparse_coo_tensor(rows[None], g["router_user"], ru_shape, check_invariants=False)
     dxl = None if same_x else g["x_lora"]
     dbase = dy if ctx.needs_input_grad[2] else None
     return (g["x"], dxl, dbase, None, g["lora_A"], g["lora_B"], g["router_x"], g["router_user"], g["router_h"],
-            g["user_A"], g["user_B"], None, None, None, None, None, None, None)
+            g["user_A"], g["user_B"], None, None, None, None, None, None, None, None)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def plan_for(user_ids: Optional[Tensor], x: Tensor, user_A: Optional[Tensor], router_user: Optional[Tensor],
+             plan=None) -> BatchPlan:
+    """The batch plan for this call: `plan` (a BatchPlan, or a function returning one), or a
+    new one built from user_ids."""
+    if callable(plan):
+        plan = plan()
+    T = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if plan is not None:
+        if not isinstance(plan, BatchPlan):
+            raise TypeError(f"plan must be a proper_kernels.plan.BatchPlan, got {type(plan).__name__}")
+        if plan.num_tokens != T:
+            raise ValueError(f"plan was built for {plan.num_tokens} tokens but x has {T}")
+        if plan.table.device != x.device:
+            raise ValueError(f"plan is on {plan.table.device} but x is on {x.device}")
+        return plan
+    n_users = user_A.shape[0] if user_A is not None else (router_user.shape[0] - 1 if router_user is not None else None)
+    return build_plan(user_ids, x.shape[:-1], x.device, n_users)
+
+
 def proper_linear(x, base_out, lora_A, lora_B, scaling, *, top_k, temperature=1.0, router_x=None,
                   router_user=None, router_h=None, user_ids=None, user_A=None, user_B=None,
-                  user_scaling=0.0, x_lora=None, inplace=False, sparse_grad=False, strategy=None):
-    """Same contract as proper_kernels.reference.proper_linear (the gates it returns carry no
-    gradient; the logits do, so a load-balance loss trains the routers).
+                  user_scaling=0.0, x_lora=None, inplace=False, sparse_grad=False, strategy=None, plan=None):
+    """Same contract as proper_kernels.reference.proper_linear; the gates carry a gradient.
 
-    strategy: "dense" | "grouped" | None (chosen from E*r by choose_strategy)."""
-    if sparse_grad:
-        raise ValueError("sparse_grad (sparse user-bank gradients) needs the torch backend")
-    same_x = x_lora is None or x_lora is x  # inplace: ignored, the kernels write a fresh output
+    strategy: "dense" | "grouped" | None (chosen from E*r by choose_strategy). plan: the
+    batch's BatchPlan (or a function returning it), shared by every layer; built from
+    user_ids when None. inplace: without autograd the adapters are added into base_out."""
+    same_x = x_lora is None or x_lora is x
     if user_A is not None and user_A.shape[1] == 0:
         user_A = user_B = None
     if user_A is None:
@@ -661,10 +1006,14 @@ def proper_linear(x, base_out, lora_A, lora_B, scaling, *, top_k, temperature=1.
         strategy = choose_strategy(lora_A.shape[0], lora_A.shape[1])
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    uid = token_user_ids(user_ids, x.shape[:-1], x.device)
-    groups = user_ids.shape[0] if user_ids is not None and user_ids.shape != x.shape[:-1] else 0
-    y, logits, gates, idx, *_ = _fwd_op(
-        x, x if same_x else x_lora, base_out, uid, lora_A, lora_B, router_x, router_user, router_h, user_A, user_B,
-        float(scaling), int(top_k), float(temperature), float(user_scaling), same_x, groups, strategy,
-    )
+    bp = plan_for(user_ids, x, user_A, router_user, plan)
+    args = (x, x if same_x else x_lora, base_out, bp.table, lora_A, lora_B, router_x, router_user, router_h,
+            user_A, user_B, float(scaling), int(top_k), float(temperature), float(user_scaling), same_x)
+    params = [t for t in (x, x_lora, lora_A, lora_B, router_x, router_user, router_h, user_A, user_B) if t is not None]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in params)
+    if inplace and not grad and base_out.is_contiguous() and not base_out.requires_grad:
+        logits, gates, idx = _fwd_inplace_op(*args, strategy)
+        y = base_out
+    else:
+        y, logits, gates, idx, *_ = _fwd_op(*args, bp.max_runs, strategy, bool(sparse_grad))
     return y, Routing(logits.to(x.dtype), gates.to(x.dtype), idx)

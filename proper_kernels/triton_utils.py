@@ -20,16 +20,15 @@ def softmax_rows(logits, col, E: tl.constexpr, inv_temperature):
 def topk_select(p, col, kcol, E: tl.constexpr, EP: tl.constexpr, TOP_K: tl.constexpr):
     """Top-k of the probabilities p [BT, EP], ties to the lower index, renormalised.
 
-    Returns (indices [BT, KP] int32, gates [BT, KP], dense gates [BT, EP]); slots >= TOP_K
-    hold index 0 and gate 0. In a NaN row no comparison holds: each slot then takes the
-    lowest index not chosen yet, so the indices stay distinct and within [0, E), while the
-    gates are NaN."""
+    Returns (indices [BT, KP] int32, gates [BT, KP] fp32); slots >= TOP_K hold index 0 and
+    gate 0. In a NaN row no comparison holds: each slot then takes the lowest index not
+    chosen yet, so the indices stay distinct and within [0, E), while the gates are NaN.
+    The k rounds are a rolled loop (k up to E does not unroll into the kernel)."""
     work = tl.where(col[None, :] < E, p, -1.0)
-    free = col[None, :] < E
+    free = tl.broadcast_to(col[None, :] < E, p.shape)
     idx = tl.zeros((p.shape[0], kcol.shape[0]), dtype=tl.int32)
     raw = tl.zeros((p.shape[0], kcol.shape[0]), dtype=tl.float32)
-    dense = tl.zeros(p.shape, dtype=tl.float32)
-    for j in tl.static_range(TOP_K):
+    for j in range(TOP_K):
         best = tl.max(work, axis=1)
         sel = tl.min(tl.where((work == best[:, None]) & free, col[None, :], EP), axis=1)
         lowest_free = tl.min(tl.where(free, col[None, :], EP), axis=1)
@@ -38,11 +37,16 @@ def topk_select(p, col, kcol, E: tl.constexpr, EP: tl.constexpr, TOP_K: tl.const
         val = tl.sum(tl.where(hit, p, 0.0), axis=1)
         idx = tl.where(kcol[None, :] == j, sel[:, None], idx)
         raw = tl.where(kcol[None, :] == j, val[:, None], raw)
-        dense = tl.where(hit, p, dense)
         work = tl.where(hit, -1.0, work)
         free = free & (col[None, :] != sel[:, None])
     total = tl.sum(raw, axis=1)
-    return idx, raw / total[:, None], dense / total[:, None]
+    return idx, raw / total[:, None]
+
+
+@triton.jit
+def slot(table, kcol, s):
+    """Column s of a [BT, KP] per-slot table, as [BT]."""
+    return tl.sum(tl.where(kcol[None, :] == s, table, 0), axis=1)
 
 
 @triton.jit

@@ -171,9 +171,9 @@ def test_config_json_round_trip():
         proper.ProperConfig.from_dict({"num_experts": 2, "bogus": 1})
 
 
-def test_kernel_backends_refuse_sparse_user_gradients():
-    from proper_kernels import triton_linear
+def test_the_cuda_backend_refuses_sparse_user_gradients():
+    from proper_kernels import cuda_backend
 
     x = torch.randn(3, 8)
-    with pytest.raises(ValueError, match="needs the torch backend"):
-        triton_linear.proper_linear(x, x, torch.randn(1, 2, 8), torch.zeros(1, 8, 2), 1.0, top_k=1, sparse_grad=True)
+    with pytest.raises(ValueError, match="needs the triton or torch backend"):
+        cuda_backend.proper_linear(x, x, torch.randn(1, 2, 8), torch.zeros(1, 8, 2), 1.0, top_k=1, sparse_grad=True)

@@ -86,10 +86,40 @@ def test_sparse_bank_gradients_equal_the_dense_ones():
         sparse_grad = grads[1][n].grad
         assert sparse_grad.is_sparse == (n in ("user_A", "user_B", "router_user")), n
         torch.testing.assert_close(sparse_grad.to_dense(), grads[0][n].grad, rtol=1e-12, atol=1e-12, msg=n)
-    with pytest.raises(ValueError, match="sparse_user_grad"):
-        proper_kernels.proper_linear(x.float(), (x @ W.t()).float(), scaling=1.5, top_k=1, user_ids=ids,
-                                     user_scaling=0.7, sparse_user_grad=True, backend="triton",
-                                     **{k: v.detach().float() for k, v in t.items()})
+
+
+@pytest.mark.skipif("triton" not in proper_kernels.available_backends("cpu", torch.float32),
+                    reason="Triton on the CPU needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("per_token", [False, True], ids=["per-sequence", "per-token"])
+def test_triton_sparse_bank_gradients_equal_the_dense_ones(per_token):
+    """The Triton backend's compact bank gradients (rows of the users present, as sparse
+    tensors) against the torch backend's dense ones."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 4, 5, generator=g)
+    W = torch.randn(3, 5, generator=g)
+    ids = torch.tensor([2, -1, 0, 2, 5, 1])
+    if per_token:
+        ids = torch.randint(-1, 7, (6, 4), generator=torch.Generator().manual_seed(3))
+    grads = []
+    for backend, sparse in (("torch", False), ("triton", True)):
+        g = torch.Generator().manual_seed(0)
+        t = {n: torch.randn(*s, generator=g).requires_grad_(True) for n, s in
+             (("lora_A", (2, 2, 5)), ("lora_B", (2, 3, 2)), ("router_x", (2, 5)), ("router_user", (8, 2)),
+              ("router_h", (2, 3)), ("user_A", (7, 3, 5)), ("user_B", (7, 3, 3)))}
+        y = proper_kernels.proper_linear(x, x @ W.t(), scaling=1.5, top_k=2, user_ids=ids, user_scaling=0.7,
+                                         sparse_user_grad=sparse, backend=backend, **t)
+        assert proper_kernels.last_backend() == backend
+        y.pow(2).sum().backward()
+        grads.append(t)
+    for n in grads[0]:
+        got = grads[1][n].grad
+        assert got.is_sparse == (n in ("user_A", "user_B", "router_user")), n
+        ref = grads[0][n].grad
+        torch.testing.assert_close(got.to_dense(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item(), msg=n)
+    # Only the rows of users in the batch carry values.
+    present = sorted(set(ids[ids >= 0].tolist()))
+    rows = grads[1]["user_A"].grad.coalesce().indices()[0].tolist()
+    assert set(rows) <= set(present) | {0}
 
 
 def batch_at(step):
