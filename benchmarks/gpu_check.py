@@ -1,13 +1,14 @@
-"""One small case through every CUDA op, checked against the reference: the script to run
-under `compute-sanitizer --tool memcheck python -m benchmarks.gpu_check` on a GPU machine
-(see benchmarks/run_gpu.sh). Exits non-zero on a wrong result."""
+"""One small case through every CUDA op and through the Triton op (dense and grouped, fp32
+and bf16), checked against the reference: the script to run under `compute-sanitizer --tool
+memcheck python -m benchmarks.gpu_check` on a GPU machine (see benchmarks/run_gpu.sh).
+Exits non-zero on a wrong result."""
 
 import sys
 
 import torch
 
 import proper_kernels
-from proper_kernels import cuda_backend, reference
+from proper_kernels import cuda_backend, reference, triton_linear
 
 
 def main() -> int:
@@ -41,7 +42,27 @@ def main() -> int:
         print(f"decode_max={decode_max}: " + ", ".join(f"{n} {float(e):.2e}" for n, e in errs.items()))
         worst = max(worst, *(float(e) for e in errs.values()))
     print("worst relative error", worst)
-    return 0 if worst < 1e-4 else 1
+    ok = worst < 1e-4
+    for strategy in ("dense", "grouped"):
+        for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+            low = {n: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                   for n, v in case.items()}
+            ins = {n: low[n].clone().requires_grad_(True) for n in ("x", "lora_A", "lora_B", "router_x", "user_A")}
+            y, routing = triton_linear.proper_linear(**dict(low, **ins), strategy=strategy)
+            (y.float().square().sum() + routing.logits.float().sum()).backward()
+            hi = {n: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                  for n, v in low.items()}
+            ins64 = {n: hi[n].clone().requires_grad_(True) for n in ins}
+            y64, r64 = reference.proper_linear(**dict(hi, **ins64))
+            (y64.square().sum() + r64.logits.sum()).backward()
+            errs = {"y": (y.double() - y64).abs().max() / y64.abs().max()}
+            errs.update({n: (ins[n].grad.double() - ins64[n].grad).abs().max() / ins64[n].grad.abs().max()
+                         for n in ins})
+            torch.cuda.synchronize()
+            bad = max(float(e) for e in errs.values())
+            print(f"triton {strategy} {dtype}: " + ", ".join(f"{n} {float(e):.2e}" for n, e in errs.items()))
+            ok = ok and bad < tol
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

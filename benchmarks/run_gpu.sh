@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Everything to do on a lent GPU machine, in one call (see the device tool's METHOD.md):
-# build the CUDA extension, run the GPU tests, run one small case of every CUDA op under
-# compute-sanitizer memcheck, then the op benchmark and `proper bench --device cuda`. Results and logs go to $OUT (or
+# Everything to do on a lent GPU machine, in one call, within 8 minutes on an H100/H200:
+# build the CUDA extension, run the GPU tests, one small case of every CUDA op and of the
+# Triton op under compute-sanitizer memcheck, the Triton lane (no loaded kernel spills, a
+# training step under sync-debug "error" and in a CUDA graph), the speed goals side by side,
+# then the op benchmark and `proper bench --device cuda`. Results and logs go to $OUT (or
 # benchmarks/results/ when $OUT is unset); commit the JSON/markdown from there.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -15,8 +17,9 @@ PROPER_BUILD_CUDA=1 MAX_JOBS="${MAX_JOBS:-8}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA
 python -c 'import torch, proper_kernels; print(torch.cuda.get_device_name(), "extension:", proper_kernels.cuda_extension_error() or "loaded")'
 
 echo "== GPU tests"
-python -m pytest -q tests/test_cuda_backend.py tests/test_cuda_ops.py tests/test_triton_linear.py \
-    tests/test_triton_router.py tests/test_triton_training.py tests/test_compile.py tests/test_build.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -5 || status=1
+python -m pytest -q -x tests/test_cuda_backend.py tests/test_cuda_ops.py tests/test_triton_linear.py \
+    tests/test_triton_router.py tests/test_triton_training.py tests/test_compile.py tests/test_build.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -5
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== compute-sanitizer memcheck"
 if command -v compute-sanitizer > /dev/null; then
@@ -26,6 +29,14 @@ else
     echo "compute-sanitizer not found; running the check without it" | tee "$OUT/memcheck.log"
     python -m benchmarks.gpu_check | tee -a "$OUT/memcheck.log" || status=1
 fi
+
+echo "== Triton lane: spills of the loaded kernels, sync-debug step, CUDA graph"
+python -m benchmarks.gpu_lane 2>&1 | tee "$OUT/gpu-lane.log" | tail -8
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== speed goals, side by side (and the launch plan's predictions)"
+timeout 180 python -m benchmarks.goals --out "$OUT" || status=1
+proper bench --plan --out "$OUT/launch-plan-sm90.md" > /dev/null || status=1
 
 echo "== op benchmark"
 python -m benchmarks.bench_op --device cuda --dtype bf16 --out "$OUT/op-$(date -u +%Y-%m-%d).json" || status=1

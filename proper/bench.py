@@ -793,12 +793,22 @@ def _compile_works(device: torch.device, log) -> tuple[bool, Optional[str]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    if argv is not None and "--plan" in argv:  # the launch plan with its cost: no GPU, no timing
+        from proper_kernels.cost import main as plan_main
+
+        try:
+            return plan_main(list(argv))
+        except SystemExit as e:
+            return int(e.code or 0)
     p = argparse.ArgumentParser(prog="proper bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="fewer, smaller cases and rounds")
     p.add_argument("--out", type=Path, default=None, help="output directory (default benchmarks/results)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per case")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows")
+    p.add_argument("--plan", action="store_true",
+                   help="print the Triton launch plan of the goal cases with bytes, FLOPs and predicted H100 "
+                        "time (proper bench --plan --help), instead of timing")
     args = p.parse_args(argv)
     try:
         run(args.device, args.quick, args.out, args.repeats, compile=not args.no_compile)

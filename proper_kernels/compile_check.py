@@ -15,8 +15,9 @@ is specialised the way Triton's JIT specialises it and compiled with ``triton.co
 - the tensor-core instructions in the SASS (HGMMA, HMMA).
 
 It fails (exit 1) on a compile error, a spill or any local memory, shared memory past the
-target's limit, a dot off the tensor cores, and a prefill expert or user dot that is not
-wgmma on sm_90. It writes one row per kernel, case, dtype and target to ``--out``
+target's limit, a 16-bit dot off the tensor cores, and a prefill expert or user dot that is
+not wgmma on sm_90. (fp32 inputs run IEEE fp32 dots on CUDA cores unless TF32 is allowed;
+``--full`` reports them.) It writes one row per kernel, case, dtype and target to ``--out``
 (default ``benchmarks/results/kernels-sm90-sm80.md``). Builds are cached (Triton's own
 cache, plus the resource reads under ``~/.cache/proper/compile_check``); bf16 and fp16 by
 default, fp32 too with ``--full``. Run it without TRITON_INTERPRET.
@@ -33,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -41,28 +41,7 @@ SHARED_LIMIT = {"sm90": 232448, "sm80": 166912}  # bytes per block (opt-in maxim
 CAPABILITY = {"sm90": 90, "sm80": 80}
 
 
-@dataclass(frozen=True)
-class Case:
-    name: str
-    T: int
-    d_in: int
-    d_out: int
-    E: int
-    k: int
-    r: int
-    r_u: int
-    users: int  # distinct users in the batch
-    per_token: bool  # ids per token (decode) or per sequence
-    prefill: bool  # whether sm_90 must run the expert and user dots as wgmma
-
-
-CASES = (
-    Case("prefill", 8192, 4096, 4096, 8, 2, 16, 16, 8, False, True),
-    Case("decode", 64, 4096, 4096, 8, 2, 16, 16, 64, True, False),
-    Case("down-proj", 8192, 11008, 4096, 8, 2, 16, 16, 8, False, True),
-    Case("E64-k8", 8192, 4096, 4096, 64, 8, 16, 16, 8, False, False),
-    Case("rank4", 8192, 4096, 4096, 8, 2, 4, 4, 8, False, True),
-)
+from .cost import CASES, Case, record_call  # noqa: E402  (the goal cases)
 
 # Kernels whose dots are the prefill expert and user GEMMs.
 PREFILL_WGMMA = ("_shrink", "_expand")
@@ -75,36 +54,9 @@ def _bin(tool: str) -> str:
 
 
 def record(case: Case, dtype_name: str, target: str) -> list:
-    """The launches of one forward and backward of the fused op (meta tensors)."""
-    import torch
-
-    from . import launch, triton_linear
-    from .plan import build_plan
-
-    dtype = getattr(torch, dtype_name)
-    meta = dict(device="meta", dtype=dtype)
-    n_users = max(case.users, 1) * 4
-    x = torch.empty(case.T, case.d_in, **meta)
-    base = torch.empty(case.T, case.d_out, **meta)
-    A = torch.empty(case.E, case.r, case.d_in, **meta)
-    B = torch.empty(case.E, case.d_out, case.r, **meta)
-    wx = torch.empty(case.E, case.d_in, **meta)
-    ru = torch.empty(n_users + 1, case.E, **meta)
-    wh = torch.empty(case.E, case.r_u, **meta)
-    ua = torch.empty(n_users, case.r_u, case.d_in, **meta)
-    ub = torch.empty(n_users, case.d_out, case.r_u, **meta)
-    ids = torch.empty(case.T if case.per_token else case.users, dtype=torch.long, device="meta")
-    lead = torch.Size([case.T]) if case.per_token else torch.Size([case.users, case.T // case.users])
-    with launch.recording(target) as launches:
-        plan = build_plan(ids, lead, torch.device("meta"), n_users)
-        strategy = triton_linear.choose_strategy(case.E, case.r)
-        s = triton_linear._Call(x, A, B, case.k, case.r_u, strategy)
-        y, side = triton_linear.forward(s, x, x, base, plan.table, A, B, 2.0, 1.0, wx, ru, wh, ua, ub, 1.0)
-        needs = dict(lora_A=True, lora_B=True, router_x=True, router_user=True, router_h=True, user_A=True,
-                     user_B=True)
-        triton_linear.backward(s, torch.empty_like(y), torch.empty(case.T, case.k, device="meta"), None, side, x, x,
-                               plan.table, plan.max_runs, A, B, 2.0, 1.0, wx, ru, wh, ua, ub, 1.0, needs, False)
-    return launches
+    """The kernel launches of one forward and backward of the fused op (meta tensors)."""
+    fwd, bwd = record_call(case, dtype_name, target)
+    return [ln for ln in fwd + bwd if hasattr(ln, "kernel")]
 
 
 def _specialise(launch_, target: str):
@@ -171,7 +123,7 @@ def build(job: tuple) -> dict:
     """Compile one launch (a worker process): its resources and dots, or its error."""
     case_name, dtype_name, target, index = job
     case = next(c for c in CASES if c.name == case_name)
-    launch_ = [ln for ln in record(case, dtype_name, target) if hasattr(ln, "kernel")][index]
+    launch_ = record(case, dtype_name, target)[index]
     row = dict(kernel=launch_.name, case=case_name, dtype=dtype_name, target=target, grid=list(launch_.grid),
                num_warps=launch_.num_warps, num_stages=launch_.num_stages, note=launch_.note)
     try:
@@ -204,7 +156,7 @@ def problems(row: dict) -> list[str]:
     if row["shared"] > SHARED_LIMIT[row["target"]]:
         out.append(f"shared memory {row['shared']} B > {SHARED_LIMIT[row['target']]} B")
     for kind, dt in row["dots"]:
-        if kind == "fma":
+        if kind == "fma" and dt in ("bf16", "f16"):
             out.append(f"a {dt} dot on CUDA cores (FMA)")
     case = next(c for c in CASES if c.name == row["case"])
     if (case.prefill and row["target"] == "sm90" and row["kernel"] in PREFILL_WGMMA and row["dtype"] != "float32"
@@ -218,7 +170,7 @@ def jobs(dtypes: tuple[str, ...]) -> list[tuple]:
     for case in CASES:
         for dtype in dtypes:
             for target in ("sm90", "sm80"):
-                n = sum(1 for ln in record(case, dtype, target) if hasattr(ln, "kernel"))
+                n = len(record(case, dtype, target))
                 out += [(case.name, dtype, target, i) for i in range(n)]
     return out
 

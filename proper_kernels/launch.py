@@ -141,6 +141,7 @@ def record_external(name: str, bytes: int, flops: int) -> None:
 # Values: BLOCK_T (tokens), BLOCK_K or BLOCK_N (features), num_warps, num_stages.
 
 DECODE_TOKENS = 256  # up to this many tokens a call is "decode"
+FP32_COLUMN_CHUNK = 32  # expert columns per dot for fp32 inputs (16-bit: all in one dot)
 
 CONFIGS: dict[tuple, tuple] = {}
 
@@ -163,12 +164,22 @@ def _fill() -> None:
             CONFIGS[("bwd_dx", tgt, "decode", width)] = (16, 64, 4, stages)
         # Routing alone (the grouped strategy): no expert columns in the tile.
         CONFIGS[("route", tgt, "any", 0)] = (64, 64, 4, stages)
+        CONFIGS[("route", tgt, "any", 0, "fp32")] = (32, 32, 4, 2)
         # Summing the split-K partials and routing: rows of E*r fp32 columns.
         for width in (16, 32, 64, 128, 256):
             CONFIGS[("reduce", tgt, "any", width)] = (max(16, min(64, 2048 // width)), 0, 4, 1)
         # Grouped strategy: blocks of (token, slot) pairs of one expert.
         CONFIGS[("grouped", tgt, "any", 0)] = (64, 64, 4, stages)
         CONFIGS[("bank_grad", tgt, "any", 0)] = (64, 64, 4, stages)
+        # fp32 inputs: IEEE fp32 dots run on CUDA cores with both operands in registers, so
+        # every tile is smaller (tf32 uses the same tiles).
+        for width in (16, 32, 64, 128, 256):
+            for kind in ("shrink", "expand", "bwd_dh", "bwd_dx"):
+                warps = 8 if width >= 256 or kind in ("expand", "bwd_dh") else 4
+                CONFIGS[(kind, tgt, "prefill", width, "fp32")] = (32, 32, warps, 2)
+                CONFIGS[(kind, tgt, "decode", width, "fp32")] = (16, 32, warps, 2)
+        # width 16 is also the grouped strategy's router backward: up to 1024 experts a row.
+        CONFIGS[("bwd_dh", tgt, "prefill", 16, "fp32")] = (16, 32, 8, 2)
     for kind in ("shrink", "expand", "bwd_dh", "bwd_dx"):
         for width in (16, 32, 64, 128, 256):
             for size in ("prefill", "decode"):
@@ -186,6 +197,8 @@ def size_class(num_tokens: int) -> str:
     return "decode" if num_tokens <= DECODE_TOKENS else "prefill"
 
 
-def config(kind: str, target: str, size: str = "any", width: int = 0) -> tuple[int, int, int, int]:
-    """(BLOCK_T, BLOCK_K or BLOCK_N, num_warps, num_stages) for a launch."""
-    return CONFIGS[(kind, target, size, width)]
+def config(kind: str, target: str, size: str = "any", width: int = 0, fp32: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_K or BLOCK_N, num_warps, num_stages) for a launch (fp32: the entry for
+    fp32 inputs where the table has one)."""
+    key = (kind, target, size, width)
+    return CONFIGS.get(key + ("fp32",), CONFIGS[key]) if fp32 else CONFIGS[key]

@@ -254,7 +254,7 @@ def _expand(
     T, scaling, user_scaling,
     OUT: tl.constexpr, E: tl.constexpr, R: tl.constexpr, RU: tl.constexpr,
     ERP: tl.constexpr, RUP: tl.constexpr, HAS_U: tl.constexpr, DENSE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
     """DENSE=False (grouped strategy): the experts' sum arrives in extra [T, OUT] fp32.
     y may be base_out itself (each element is read, then written, by one program)."""
@@ -263,13 +263,16 @@ def _expand(
     omask = o < OUT
     tom = pmask[:, None] & omask[None, :]
     if DENSE:
-        c = tl.arange(0, ERP)
-        cmask = c < E * R
-        hg = tl.load(hg_ptr + tok[:, None] * (E * R) + c[None, :], mask=pmask[:, None] & cmask[None, :], other=0.0)
-        # B [E, out, r] read as B_all^T [E*r, out]: column c = (e, i) sits at e*out*r + i.
-        boff = (c // R) * (OUT * R) + (c % R)
-        b = tl.load(b_ptr + boff[:, None] + o[None, :] * R, mask=cmask[:, None] & omask[None, :], other=0.0)
-        acc = tl.dot(hg.to(DT), b.to(DT), input_precision=PREC) * scaling
+        acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        for c0 in range(0, ERP, BLOCK_C):  # one step for 16-bit inputs
+            c = c0 + tl.arange(0, BLOCK_C)
+            cmask = c < E * R
+            hg = tl.load(hg_ptr + tok[:, None] * (E * R) + c[None, :], mask=pmask[:, None] & cmask[None, :], other=0.0)
+            # B [E, out, r] read as B_all^T [E*r, out]: column c = (e, i) sits at e*out*r + i.
+            boff = (c // R) * (OUT * R) + (c % R)
+            b = tl.load(b_ptr + boff[:, None] + o[None, :] * R, mask=cmask[:, None] & omask[None, :], other=0.0)
+            acc = tl.dot(hg.to(DT), b.to(DT), acc, input_precision=PREC)
+        acc = acc * scaling
     else:
         acc = tl.load(extra_ptr + tok[:, None] * OUT + o[None, :], mask=tom, other=0.0)
     if HAS_U:
@@ -384,7 +387,7 @@ def _bwd_dx(
     IN: tl.constexpr, E: tl.constexpr, R: tl.constexpr, RU: tl.constexpr, EP: tl.constexpr, ERP: tl.constexpr,
     RUP: tl.constexpr, CW: tl.constexpr, LOFF: tl.constexpr,
     HAS_WX: tl.constexpr, HAS_U: tl.constexpr, SAME_X: tl.constexpr, DENSE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
     """DENSE=False (grouped strategy): the experts' part of dx arrives in extra [T, IN] fp32.
     dcat holds dh at column 0 and d logits at column LOFF."""
@@ -393,11 +396,13 @@ def _bwd_dx(
     kmask = k < IN
     tk = pmask[:, None] & kmask[None, :]
     if DENSE:
-        c = tl.arange(0, ERP)
-        cmask = c < E * R
-        dh = tl.load(dcat_ptr + tok[:, None] * CW + c[None, :], mask=pmask[:, None] & cmask[None, :], other=0.0)
-        a = tl.load(a_ptr + c[:, None] * IN + k[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
-        dxl = tl.dot(dh.to(DT), a.to(DT), input_precision=PREC)
+        dxl = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+        for c0 in range(0, ERP, BLOCK_C):  # one step for 16-bit inputs
+            c = c0 + tl.arange(0, BLOCK_C)
+            cmask = c < E * R
+            dh = tl.load(dcat_ptr + tok[:, None] * CW + c[None, :], mask=pmask[:, None] & cmask[None, :], other=0.0)
+            a = tl.load(a_ptr + c[:, None] * IN + k[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+            dxl = tl.dot(dh.to(DT), a.to(DT), dxl, input_precision=PREC)
     else:
         dxl = tl.load(extra_ptr + tok[:, None] * IN + k[None, :], mask=tk, other=0.0)
     if HAS_U:
@@ -498,15 +503,22 @@ class _Call:
         self.target = _launch.target_of(device)
         size = _launch.size_class(self.T)
         width = self.ERP if self.dense else 16
-        cfg = _launch.config
-        self.shrink = cfg("shrink", self.target, size, width) if self.dense else cfg("route", self.target)
-        self.route = cfg("reduce", self.target, "any", width)
-        self.expand = cfg("expand", self.target, size, width)
-        self.bwd_dh = cfg("bwd_dh", self.target, size, width)
-        self.bwd_dx = cfg("bwd_dx", self.target, size, width)
-        self.grouped = cfg("grouped", self.target)
-        self.bank = cfg("bank_grad", self.target)
+        fp32 = x2.dtype == torch.float32
+
+        def cfg(kind, size="any", width=0):
+            return _launch.config(kind, self.target, size, width, fp32)
+
+        self.shrink = cfg("shrink", size, width) if self.dense else cfg("route")
+        self.route = cfg("reduce", "any", width)
+        self.expand = cfg("expand", size, width)
+        self.bwd_dh = cfg("bwd_dh", size, width)
+        self.bwd_dx = cfg("bwd_dx", size, width)
+        self.grouped = cfg("grouped")
+        self.bank = cfg("bank_grad")
         self.BLOCK_P = self.grouped[0]
+        # The expert columns one dot takes: all of them for 16-bit inputs (one tensor-core
+        # dot), a chunk for fp32, whose CUDA-core dots hold both operands in registers.
+        self.BLOCK_C = min(self.ERP, _launch.FP32_COLUMN_CHUNK) if fp32 else self.ERP
         self.split = 1
         if size == "decode":  # split the features so that the shrink covers every SM
             blocks = triton.cdiv(self.T, self.shrink[0])
@@ -539,9 +551,16 @@ def _nbytes(*ts) -> int:
     return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
+def _bank_bytes(bank: Tensor, rows: Optional[int]) -> int:
+    """Bytes of the bank rows a batch reads (rows None: the whole bank)."""
+    n = bank.shape[0] if rows is None else min(rows, bank.shape[0])
+    return n * (bank.numel() // max(1, bank.shape[0])) * bank.element_size()
+
+
 def forward(s: _Call, x2, xl2, base2, table, lora_A, lora_B, scaling, temperature,
-            router_x, router_user, router_h, user_A, user_B, user_scaling, y=None):
+            router_x, router_user, router_h, user_A, user_B, user_scaling, y=None, bank_rows=None):
     """Launch the forward. All 2-D [T, *] contiguous; `table` is the plan's [6, T].
+    bank_rows: how many bank rows the batch reads (for the byte counts; default the bank).
 
     Returns y (written into `y` when given, which may be base2 itself) and the side outputs
     the backward needs: (h, g*h, h_u, logits, gates fp32, indices, meta), meta packing the
@@ -561,7 +580,9 @@ def forward(s: _Call, x2, xl2, base2, table, lora_A, lora_B, scaling, temperatur
     has_wx, has_r, has_wh = router_x is not None, router_user is not None, router_h is not None and has_u
     routing = dict(HAS_R=has_r, HAS_WH=has_wh, HAS_U=has_u, SHRINK=s.dense, SPLIT=s.split)
     default_row = (router_user.shape[0] - 1) if has_r else 0
-    weights = (lora_A if s.dense else None, router_x, user_A if has_u else None)
+    weights = (lora_A if s.dense else None, router_x)
+    bank = _bank_bytes(user_A, bank_rows) if has_u else 0
+    bank_b = _bank_bytes(user_B, bank_rows) if has_u else 0
     if s.split == 1:
         outs = (h, hg, hu, logits, gates, idx)
     else:
@@ -570,7 +591,7 @@ def forward(s: _Call, x2, xl2, base2, table, lora_A, lora_B, scaling, temperatur
                 _empty(s.split, T, s.E, **f32) if has_wx else dummy, gates, idx)
     bt, bk, warps, stages = s.shrink
     same_x = xl2 is x2
-    read = _nbytes(xl2, None if same_x else x2, *weights) + (_nbytes(router_user, router_h) if s.split == 1 else 0)
+    read = _nbytes(xl2, None if same_x else x2, *weights) + bank + (_nbytes(router_h) if s.split == 1 else 0)
     written = (_nbytes(h, hg, hu, logits, gates, idx) if s.split == 1
                else 4 * s.split * T * ((s.ER if s.dense else 0) + (s.E if has_wx else 0) + s.RU))
     flops = 2 * T * s.IN * ((s.ER if s.dense else 0) + (s.E if has_wx else 0) + s.RU)
@@ -592,7 +613,7 @@ def forward(s: _Call, x2, xl2, base2, table, lora_A, lora_B, scaling, temperatur
              h, hg, hu, logits, gates, idx, T, default_row, 1.0 / temperature),
             dict(E=s.E, R=s.R, RU=s.RU, TOP_K=s.TOP_K, EP=s.EP, ERP=s.ERP, RUP=s.RUP, KP=s.KP, HAS_WX=has_wx,
                  BLOCK_T=bt, **routing),
-            warps, stages, bytes=written + _nbytes(h, hg, hu, logits, gates, idx, router_user, router_h),
+            warps, stages, bytes=written + _nbytes(h, hg, hu, logits, gates, idx, router_h),
             note="route (sum split-K partials)",
         )
     extra = dummy
@@ -619,9 +640,9 @@ def forward(s: _Call, x2, xl2, base2, table, lora_A, lora_B, scaling, temperatur
     _launch.launch(
         _expand, (triton.cdiv(T, bt), triton.cdiv(s.OUT, bn)),
         (hg, hu, order, run, run_user, lora_B, user_B if has_u else dummy, base2, extra, y, T, scaling, user_scaling),
-        dict(OUT=s.OUT, HAS_U=has_u, DENSE=s.dense, BLOCK_T=bt, BLOCK_N=bn, **s.consts()),
+        dict(OUT=s.OUT, HAS_U=has_u, DENSE=s.dense, BLOCK_T=bt, BLOCK_N=bn, BLOCK_C=s.BLOCK_C, **s.consts()),
         warps, stages,
-        bytes=_nbytes(base2, y, lora_B if s.dense else extra, user_B if has_u else None) + (_nbytes(hg) if s.dense else 0)
+        bytes=_nbytes(base2, y, lora_B if s.dense else extra) + bank_b + (_nbytes(hg) if s.dense else 0)
         + (_nbytes(hu) if has_u else 0),
         flops=2 * T * s.OUT * ((s.ER if s.dense else 0) + s.RU), note="expand (adds into base_out)",
     )
@@ -650,8 +671,7 @@ def _bank_grad_launch(s: _Call, table, left, right, M, N, scale, out, compact, m
         _bank_grad, (max_runs, triton.cdiv(M, bm), triton.cdiv(N, bn)),
         (left, right, table[ORDER], table[RUN_USER], table[RUN_START], table[RUN_END], out, scale),
         dict(M=M, N=N, COMPACT=compact, BLOCK_P=bp, BLOCK_M=bm, BLOCK_N=bn, DT=s.DT, PREC=s.PREC),
-        warps, stages, bytes=_nbytes(left, right) + (out.numel() * out.element_size() if compact else
-                                                     min(out.numel(), max_runs * M * N) * out.element_size()),
+        warps, stages, bytes=_nbytes(left, right) + min(out.numel(), max_runs * M * N) * out.element_size(),
         flops=2 * s.T * M * N, note="user bank gradient (per run)",
     )
     return out
@@ -703,8 +723,8 @@ def backward(s: _Call, dy2, dgates, dlext, saved, x2, xl2, table, max_runs, lora
              HAS_DLEXT=dlext is not None, HAS_DGEXT=dgates is not None, DENSE=s.dense, BLOCK_T=bt, BLOCK_N=bn,
              **s.consts()),
         warps, stages,
-        bytes=_nbytes(dy2, lora_B if s.dense else None, user_B if has_u else None, dcat, dlogits, dhu, logits, gates, idx)
-        + (_nbytes(h) if s.dense else 0),
+        bytes=_nbytes(dy2, lora_B if s.dense else None, dcat, dlogits, dhu, logits, gates, idx)
+        + (_nbytes(h) if s.dense else 0) + (_bank_bytes(user_B, max_runs) if has_u else 0),
         flops=2 * T * s.OUT * ((s.ER if s.dense else 0) + s.RU), note="backward: d h, d logits, d h_u",
     )
     same_x = xl2 is x2
@@ -717,10 +737,10 @@ def backward(s: _Call, dy2, dgates, dlext, saved, x2, xl2, table, max_runs, lora
         (dcat, dhu, order, run, run_user, lora_A, user_A if has_u else dummy, router_x if has_wx else dummy,
          extra, dxl, dx, T),
         dict(IN=s.IN, EP=s.EP, CW=s.CW, LOFF=s.ER if s.dense else 0, HAS_WX=has_wx, HAS_U=has_u, SAME_X=same_x,
-             DENSE=s.dense, BLOCK_T=bt, BLOCK_K=bk, **s.consts()),
+             DENSE=s.dense, BLOCK_T=bt, BLOCK_K=bk, BLOCK_C=s.BLOCK_C, **s.consts()),
         warps, stages,
-        bytes=_nbytes(dcat, dxl, None if dx is dxl else dx, lora_A if s.dense else extra, router_x,
-                      user_A if has_u else None) + (_nbytes(dhu) if has_u else 0),
+        bytes=_nbytes(dcat, dxl, None if dx is dxl else dx, lora_A if s.dense else extra, router_x)
+        + (_nbytes(dhu) + _bank_bytes(user_A, max_runs) if has_u else 0),
         flops=2 * T * s.IN * ((s.ER if s.dense else 0) + (s.E if has_wx else 0) + s.RU), note="backward: dx",
     )
     grads: dict = dict(x=dxl if same_x else (dx if has_wx else None), x_lora=None if same_x else dxl)

@@ -50,8 +50,12 @@ def check(case, dtype, device, fn, extra_logit_grad=True):
     g = torch.Generator().manual_seed(0)
     gy = torch.randn(y64.shape, generator=g, dtype=torch.float64).to(device)
     gl = torch.randn(routing64.logits.shape, generator=g, dtype=torch.float64).to(device)
-    loss64 = (y64 * gy).sum() + ((routing64.logits * gl).sum() if extra_logit_grad else 0)
-    loss = (y.double() * gy).sum() + ((routing.logits.double() * gl).sum() if extra_logit_grad else 0)
+    gg = torch.randn(routing64.gates.shape, generator=g, dtype=torch.float64).to(device)
+    # The logits and the gates carry gradients of their own (a load-balance loss, a loss on
+    # the routing) on every backend.
+    loss64 = (y64 * gy).sum() + ((routing64.logits * gl).sum() + (routing64.gates * gg).sum() if extra_logit_grad else 0)
+    loss = (y.double() * gy).sum() + ((routing.logits.double() * gl).sum() + (routing.gates.double() * gg).sum()
+                                      if extra_logit_grad else 0)
     loss64.backward()
     loss.backward()
     for n in names:

@@ -136,3 +136,54 @@ def test_dense_strategy_limit_is_a_clear_error():
         triton_linear.proper_linear(**case, strategy="dense")
     with pytest.raises(ValueError, match="strategy must be one of"):
         triton_linear.proper_linear(**case, strategy="sparse")
+
+
+@pytest.mark.parametrize("target", ["sm90", "sm80"])
+@pytest.mark.parametrize("T,d_in,d_out,E,k,r,r_u,sources", [
+    (1, 70, 37, 4, 2, 16, 8, ("token", "user", "lora")),  # decode: 16-token tiles, split-K shrink + _route
+    (40, 130, 67, 8, 2, 16, 8, ("token", "user", "lora")),  # decode, several users per tile
+    (300, 70, 37, 4, 2, 4, 8, ("user", "lora")),  # prefill: 64-token tiles, runs across tiles
+    (129, 70, 37, 16, 16, 16, 8, ("token", "user")),  # E*r = 256 (k = E)
+])
+def test_gpu_launch_configurations_match_the_reference(target, T, d_in, d_out, E, k, r, r_u, sources):
+    """The configurations a GPU gets (tile heights, split-K, warps), run under the interpreter."""
+    from proper_kernels import launch
+
+    case = make_case(3 + T + E, T, d_in, d_out, E, k, r, r_u, 6, sources)
+    with launch.force_target(target):
+        check(case, torch.float32, "dense")
+        if T == 300:
+            check(case, torch.float16, "dense")
+
+
+def test_dots_take_the_input_dtype():
+    """fp16 goes to tl.dot as it is (tensor cores on a GPU); bf16 only under the interpreter is
+    upcast (the interpreter holds bf16 as raw words); fp32 stays fp32."""
+    import triton.language as tl
+
+    assert triton_linear._dot_dtype(torch.float16) == tl.float16
+    assert triton_linear._dot_dtype(torch.float32) == tl.float32
+    want_bf16 = tl.float32 if os.environ.get("TRITON_INTERPRET") == "1" else tl.bfloat16
+    assert triton_linear._dot_dtype(torch.bfloat16) == want_bf16
+
+
+def test_without_autograd_the_adapters_are_added_into_base_out():
+    case = cast(make_case(5, 33, 20, 9, 4, 2, 4, 3, 6, ("token", "user", "lora")), torch.float16)
+    ref, _ = triton_linear.proper_linear(**dict(case, base_out=case["base_out"].clone()))
+    base = case["base_out"].clone()
+    with torch.no_grad():
+        y, _ = triton_linear.proper_linear(**dict(case, base_out=base), inplace=True)
+    assert y.data_ptr() == base.data_ptr()
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_scaling_zero_gives_the_experts_no_gradient(backend):
+    """One convention on every backend: with the group level off (scaling 0) lora_A and
+    lora_B are off the graph (None), as in plain autograd of a skipped product."""
+    case = cast(make_case(9, 7, 20, 9, 4, 2, 4, 3, 6, ("token", "user")), torch.float32)
+    ins = {n: case[n].clone().requires_grad_(True) for n in ("x", "lora_A", "lora_B", "user_A")}
+    y = proper_kernels.proper_linear(**dict(case, **ins, scaling=0.0), backend=backend)
+    y.square().sum().backward()
+    assert ins["lora_A"].grad is None and ins["lora_B"].grad is None
+    assert ins["x"].grad is not None and ins["user_A"].grad is not None

@@ -1,0 +1,64 @@
+"""The per-batch plan: tokens grouped by user, built on the device without a host sync."""
+
+import pytest
+import torch
+
+from proper_kernels.plan import ORDER, RUN, RUN_END, RUN_START, RUN_USER, UID, build_plan, max_runs
+
+
+def expected(uid):
+    """The plan of per-token ids, by plain Python."""
+    T = len(uid)
+    order = sorted(range(T), key=lambda t: (uid[t], t))
+    runs = []
+    for p, t in enumerate(order):
+        if not runs or runs[-1][0] != uid[t]:
+            runs.append([uid[t], p, p + 1])
+        else:
+            runs[-1][2] = p + 1
+    run_of = []
+    for r, (_, s, e) in enumerate(runs):
+        run_of += [r] * (e - s)
+    pad = T - len(runs)
+    return dict(order=order, run=run_of, run_user=[u for u, _, _ in runs] + [-1] * pad,
+                run_start=[s for _, s, _ in runs] + [T] * pad, run_end=[e for _, _, e in runs] + [T] * pad)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_per_token_ids_group_by_user_stably(seed):
+    g = torch.Generator().manual_seed(seed)
+    T = int(torch.randint(1, 40, (1,), generator=g))
+    ids = torch.randint(-1, 6, (T,), generator=g)
+    plan = build_plan(ids, torch.Size([T]), torch.device("cpu"), num_users=6)
+    want = expected(ids.tolist())
+    t = plan.table
+    assert t.shape == (6, T) and t.dtype == torch.long
+    assert t[UID].tolist() == ids.tolist()
+    for row, name in ((ORDER, "order"), (RUN, "run"), (RUN_USER, "run_user"), (RUN_START, "run_start"),
+                      (RUN_END, "run_end")):
+        assert t[row].tolist() == want[name], name
+    assert plan.groups == 0 and plan.max_runs == min(T, 7)
+
+
+def test_per_sequence_ids_expand_to_tokens_and_bound_the_runs():
+    ids = torch.tensor([3, -1, 3, 0])
+    plan = build_plan(ids, torch.Size([4, 5]), torch.device("cpu"), num_users=10)
+    assert plan.user_ids.tolist() == sum(([u] * 5 for u in ids.tolist()), [])
+    assert plan.groups == 4 and plan.max_runs == 4
+    # users -1, 0, 3: three runs; user 3's two sequences are one run, in token order
+    assert plan.table[RUN_USER, :3].tolist() == [-1, 0, 3]
+    assert plan.table[ORDER, 10:20].tolist() == list(range(0, 5)) + list(range(10, 15))
+
+
+def test_no_ids_is_one_run_of_users_without_a_row():
+    plan = build_plan(None, torch.Size([2, 3]), torch.device("cpu"))
+    assert plan.user_ids.tolist() == [-1] * 6
+    assert plan.table[RUN].tolist() == [0] * 6
+    assert plan.table[RUN_USER, 0].item() == -1 and plan.table[RUN_END, 0].item() == 6
+
+
+def test_built_on_meta_tensors_so_no_step_reads_a_value_back():
+    """A meta tensor has no values: any host sync (a .item(), a boolean index) would fail."""
+    plan = build_plan(torch.empty(64, dtype=torch.long, device="meta"), torch.Size([64]), torch.device("meta"), 100)
+    assert plan.table.device.type == "meta" and plan.max_runs == 64
+    assert max_runs(8192, 8, 1000) == 8 and max_runs(64, 0, 10) == 11
