@@ -26,7 +26,7 @@ class ProperConfig:
     sparse_user_grad: the per-user tables (user bank, user-aware router) get sparse gradients
     over the users in the batch, for banks of millions of users; train them with
     ``proper.optim.LazyAdamW`` (the trainer does), which keeps optimizer state only for the
-    users it has seen. Torch backend only.
+    users it has seen. Torch and Triton backends (the CUDA backend refuses it).
     """
 
     num_experts: int = 8

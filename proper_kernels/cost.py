@@ -5,7 +5,7 @@ forward and backward on ``meta`` tensors inside ``launch.recording``: the launch
 and configurations a GPU would get. Each launch carries the HBM bytes it moves (every
 tensor it touches once; weights read again by other programs are taken to come from L2)
 and the FLOPs it does. :func:`plan_report` adds the roofline time of each on an H100 SXM
-(989 TFLOP/s dense bf16, 3.35 TB/s HBM3) and sets them beside a plain ``nn.Linear`` of the
+(989 TFLOP/s dense bf16, 3.35 TB/s HBM3; an A100 for sm_80) and sets them beside a plain ``nn.Linear`` of the
 same shape and beside the floor of the op: x read once, base_out read once and y written
 once, the adapters (and the bank rows of the users present) read once.
 
@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 H100 = dict(name="H100 SXM", tensor_flops=989e12, fp32_flops=67e12, bandwidth=3.35e12)
+A100 = dict(name="A100 SXM", tensor_flops=312e12, fp32_flops=19.5e12, bandwidth=2.04e12)
+GPUS = {"sm90": H100, "sm80": A100}
 
 
 @dataclass(frozen=True)
@@ -218,13 +220,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="also write the tables to this markdown file")
     args = p.parse_args(argv)
     cases = [case(n) for n in args.case] if args.case else list(CASES)
-    text = (f"# Launch plan of the fused op, predicted for an {H100['name']} (roofline: "
-            f"{H100['tensor_flops'] / 1e12:.0f} TFLOP/s, {H100['bandwidth'] / 1e12:.2f} TB/s)\n\n"
+    gpu = GPUS[args.target]
+    text = (f"# Launch plan of the fused op, predicted for an {gpu['name']} (roofline: "
+            f"{gpu['tensor_flops'] / 1e12:.0f} TFLOP/s 16-bit, {gpu['bandwidth'] / 1e12:.2f} TB/s)\n\n"
             "`proper bench --plan" + (f" --target {args.target}" if args.target != "sm90" else "")
             + (f" --dtype {args.dtype}" if args.dtype != "bfloat16" else "") + "`. The launches are the ones the "
             "Triton backend makes on a GPU of the target (recorded from the real host code on meta tensors); "
             "bytes count each tensor a launch touches once; times are max(bytes / bandwidth, FLOPs / peak), "
-            "predictions, not measurements.\n\n" + markdown([plan_report(c, args.dtype, args.target) for c in cases]))
+            "predictions, not measurements.\n\n" + markdown([plan_report(c, args.dtype, args.target, gpu) for c in cases]))
     print(text)
     if args.out:
         from pathlib import Path
