@@ -4,7 +4,8 @@ For a call shape (``Case``), :func:`record_call` runs the real host code of the 
 forward and backward on ``meta`` tensors inside ``launch.recording``: the launches, grids
 and configurations a GPU would get. Each launch carries the HBM bytes it moves (every
 tensor it touches once; weights read again by other programs are taken to come from L2)
-and the FLOPs it does. :func:`plan_report` adds the roofline time of each on an H100 SXM
+and the FLOPs it does (side buffers and weights that several programs re-read are taken to
+come from L2 after the first read). :func:`plan_report` adds the roofline time of each on an H100 SXM
 (989 TFLOP/s dense bf16, 3.35 TB/s HBM3; an A100 for sm_80) and sets them beside a plain ``nn.Linear`` of the
 same shape and beside the floor of the op: x read once, base_out read once and y written
 once, the adapters (and the bank rows of the users present) read once.

@@ -170,7 +170,13 @@ def _fill() -> None:
             CONFIGS[("reduce", tgt, "any", width)] = (max(16, min(64, 2048 // width)), 0, 4, 1)
         # Grouped strategy: blocks of (token, slot) pairs of one expert.
         CONFIGS[("grouped", tgt, "any", 0)] = (64, 64, 4, stages)
-        CONFIGS[("bank_grad", tgt, "any", 0)] = (64, 64, 4, stages)
+        # Weight gradients streamed over the tokens: (BLOCK_P tokens a step, BLOCK_K or
+        # BLOCK_M features a program, warps, stages); one program per feature tile.
+        for width in (16, 32, 64, 128, 256):
+            CONFIGS[("wgrad_in", tgt, "any", width)] = (64, 32, 4 if width <= 128 else 8, stages)
+            CONFIGS[("wgrad_out", tgt, "any", width)] = (64, 32, 4 if width <= 128 else 8, stages)
+            CONFIGS[("wgrad_in", tgt, "any", width, "fp32")] = (32, 32, 4 if width <= 64 else 8, 2)
+            CONFIGS[("wgrad_out", tgt, "any", width, "fp32")] = (32, 32, 4 if width <= 64 else 8, 2)
         # fp32 inputs: IEEE fp32 dots run on CUDA cores with both operands in registers, so
         # every tile is smaller (tf32 uses the same tiles).
         for width in (16, 32, 64, 128, 256):
@@ -184,10 +190,12 @@ def _fill() -> None:
         for width in (16, 32, 64, 128, 256):
             for size in ("prefill", "decode"):
                 CONFIGS[(kind, "interp", size, width)] = (64, 64, 1, 1)
-    for kind in ("route", "grouped", "bank_grad"):
+    for kind in ("route", "grouped"):
         CONFIGS[(kind, "interp", "any", 0)] = (64, 64, 1, 1)
     for width in (16, 32, 64, 128, 256):
         CONFIGS[("reduce", "interp", "any", width)] = (64, 0, 1, 1)
+        CONFIGS[("wgrad_in", "interp", "any", width)] = (64, 64, 1, 1)
+        CONFIGS[("wgrad_out", "interp", "any", width)] = (64, 64, 1, 1)
 
 
 _fill()

@@ -22,9 +22,12 @@ Backward:
             backward (d gates, from the products and from the gates' own gradient, to
             d logits), dh = g d(g*h), dh_u += d logits W_h.
   _bwd_dx   per (block, in tile): dx = dh A_all + d logits W_x + dh_u A^u (per run).
-  Weight gradients: the experts' and the token router's as one GEMM over the tokens in the
-  input dtype (torch.matmul); the bank's per run (_bank_grad), written into the rows of the
-  users present, or compact (sparse gradients); the user router's by an index_add.
+  _wgrad_in  per tile of x's features, streamed over the sorted tokens: lora_A's and
+            router_x's gradients, and each user's user_A row when the user's run ends
+            (rows of the users present, or compact rows for sparse gradients).
+  _wgrad_out the same over dy: lora_B's, and each user's user_B row.
+  So x and dy are each read once more for all the weight gradients; the user router's
+  gradient is an index_add of d logits.
 Nothing syncs with the host. Launch configurations come from ``proper_kernels.launch``.
 """
 
@@ -428,37 +431,111 @@ def _bwd_dx(
 
 
 @triton.jit
-def _bank_grad(
-    l_ptr, r_ptr, order_ptr, run_user_ptr, run_start_ptr, run_end_ptr, out_ptr, scale,
-    M: tl.constexpr, N: tl.constexpr, COMPACT: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+def _wgrad_in(
+    dcat_ptr, dhu_ptr, x_ptr, order_ptr, run_ptr, run_user_ptr, run_end_ptr, ga_ptr, gwx_ptr, gua_ptr, T,
+    IN: tl.constexpr, E: tl.constexpr, R: tl.constexpr, RU: tl.constexpr, EP: tl.constexpr, ERP: tl.constexpr,
+    RUP: tl.constexpr, CW: tl.constexpr, LOFF: tl.constexpr,
+    DO_A: tl.constexpr, DO_WX: tl.constexpr, DO_U: tl.constexpr, COMPACT: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """For run r (one user u, its tokens sorted together): out[u] = scale * L[tok]^T R[tok]
-    summed over the run's tokens, [M, N]; out row r instead of u when COMPACT. A run of the
-    users without a row, or past the last run, writes nothing (out starts at zero)."""
-    rr = tl.program_id(0)
-    u = tl.load(run_user_ptr + rr)
-    start = tl.load(run_start_ptr + rr)
-    end = tl.load(run_end_ptr + rr)
-    if u >= 0:
-        m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mmask = m < M
-        nmask = n < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for p0 in range(start, end, BLOCK_P):
-            pos = p0 + tl.arange(0, BLOCK_P)
-            pm = pos < end
-            tok = tl.load(order_ptr + pos, mask=pm, other=0)
-            left = tl.load(l_ptr + tok[:, None] * M + m[None, :], mask=pm[:, None] & mmask[None, :], other=0.0)
-            right = tl.load(r_ptr + tok[:, None] * N + n[None, :], mask=pm[:, None] & nmask[None, :], other=0.0)
-            acc = tl.dot(tl.trans(left.to(DT)), right.to(DT), acc, input_precision=PREC)
-        if COMPACT:
-            row = rr.to(tl.int64)
-        else:
-            row = u
-        tl.store(out_ptr + row * (M * N) + m[:, None] * N + n[None, :], (acc * scale).to(out_ptr.dtype.element_ty),
-                 mask=mmask[:, None] & nmask[None, :])
+    """The weight gradients that read x, in one pass: a tile of x's features streamed over
+    every token in sorted order gives lora_A's [E*r, IN] = dh^T x and router_x's [E, IN] =
+    d logits^T x, and per run the user's bank row [r_u, IN] = dh_u^T x, stored when the
+    run ends (row u, or row r when COMPACT)."""
+    k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = k < IN
+    c = tl.arange(0, ERP)
+    col = tl.arange(0, EP)
+    j = tl.arange(0, RUP)
+    acc_a = tl.zeros((ERP, BLOCK_K), dtype=tl.float32)
+    acc_l = tl.zeros((EP, BLOCK_K), dtype=tl.float32)
+    acc_u = tl.zeros((RUP, BLOCK_K), dtype=tl.float32)
+    for p0 in range(0, T, BLOCK_P):
+        pos = p0 + tl.arange(0, BLOCK_P)
+        pm = pos < T
+        tok = tl.load(order_ptr + pos, mask=pm, other=0)
+        xt = tl.load(x_ptr + tok[:, None] * IN + k[None, :], mask=pm[:, None] & kmask[None, :], other=0.0).to(DT)
+        if DO_A:
+            dh = tl.load(dcat_ptr + tok[:, None] * CW + c[None, :], mask=pm[:, None] & (c < E * R)[None, :], other=0.0)
+            acc_a = tl.dot(tl.trans(dh.to(DT)), xt, acc_a, input_precision=PREC)
+        if DO_WX:
+            dl = tl.load(dcat_ptr + tok[:, None] * CW + LOFF + col[None, :], mask=pm[:, None] & (col < E)[None, :],
+                         other=0.0)
+            acc_l = tl.dot(tl.trans(dl.to(DT)), xt, acc_l, input_precision=PREC)
+        if DO_U:
+            prun = tl.load(run_ptr + pos, mask=pm, other=-1)
+            dhu = tl.load(dhu_ptr + tok[:, None] * RU + j[None, :], mask=pm[:, None] & (j < RU)[None, :], other=0.0)
+            r_first = tl.load(run_ptr + p0)
+            r_last = tl.load(run_ptr + tl.minimum(p0 + BLOCK_P, T) - 1)
+            for rr in range(r_first, r_last + 1):
+                dm = tl.where((prun == rr)[:, None], dhu, 0.0)
+                acc_u = tl.dot(tl.trans(dm.to(DT)), xt, acc_u, input_precision=PREC)
+                if tl.load(run_end_ptr + rr) <= p0 + BLOCK_P:  # the run ends here: its row is whole
+                    u = tl.load(run_user_ptr + rr)
+                    if u >= 0:
+                        if COMPACT:
+                            row = u * 0 + rr  # int64, also where the interpreter's rr is a Python int
+                        else:
+                            row = u
+                        tl.store(gua_ptr + row * (RU * IN) + j[:, None] * IN + k[None, :],
+                                 acc_u.to(gua_ptr.dtype.element_ty), mask=(j < RU)[:, None] & kmask[None, :])
+                    acc_u = tl.zeros((RUP, BLOCK_K), dtype=tl.float32)
+    if DO_A:
+        tl.store(ga_ptr + c[:, None] * IN + k[None, :], acc_a.to(ga_ptr.dtype.element_ty),
+                 mask=(c < E * R)[:, None] & kmask[None, :])
+    if DO_WX:
+        tl.store(gwx_ptr + col[:, None] * IN + k[None, :], acc_l.to(gwx_ptr.dtype.element_ty),
+                 mask=(col < E)[:, None] & kmask[None, :])
+
+
+@triton.jit
+def _wgrad_out(
+    dy_ptr, hg_ptr, hu_ptr, order_ptr, run_ptr, run_user_ptr, run_end_ptr, gb_ptr, gub_ptr, T, scaling, user_scaling,
+    OUT: tl.constexpr, E: tl.constexpr, R: tl.constexpr, RU: tl.constexpr, ERP: tl.constexpr, RUP: tl.constexpr,
+    DO_B: tl.constexpr, DO_U: tl.constexpr, COMPACT: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """The weight gradients that read dy, in one pass: a tile of dy's features streamed over
+    every token gives lora_B's (s_g dy^T (g h), stored as [E, out, r]) and per run the
+    user's bank row s_u dy^T h_u [out, r_u], stored when the run ends."""
+    o = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    omask = o < OUT
+    c = tl.arange(0, ERP)
+    j = tl.arange(0, RUP)
+    acc_b = tl.zeros((BLOCK_M, ERP), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, RUP), dtype=tl.float32)
+    for p0 in range(0, T, BLOCK_P):
+        pos = p0 + tl.arange(0, BLOCK_P)
+        pm = pos < T
+        tok = tl.load(order_ptr + pos, mask=pm, other=0)
+        dyt = tl.trans(tl.load(dy_ptr + tok[:, None] * OUT + o[None, :], mask=pm[:, None] & omask[None, :],
+                               other=0.0).to(DT))
+        if DO_B:
+            hg = tl.load(hg_ptr + tok[:, None] * (E * R) + c[None, :], mask=pm[:, None] & (c < E * R)[None, :], other=0.0)
+            acc_b = tl.dot(dyt, hg.to(DT), acc_b, input_precision=PREC)
+        if DO_U:
+            prun = tl.load(run_ptr + pos, mask=pm, other=-1)
+            hu = tl.load(hu_ptr + tok[:, None] * RU + j[None, :], mask=pm[:, None] & (j < RU)[None, :], other=0.0)
+            r_first = tl.load(run_ptr + p0)
+            r_last = tl.load(run_ptr + tl.minimum(p0 + BLOCK_P, T) - 1)
+            for rr in range(r_first, r_last + 1):
+                hm = tl.where((prun == rr)[:, None], hu, 0.0)
+                acc_u = tl.dot(dyt, hm.to(DT), acc_u, input_precision=PREC)
+                if tl.load(run_end_ptr + rr) <= p0 + BLOCK_P:  # the run ends here: its row is whole
+                    u = tl.load(run_user_ptr + rr)
+                    if u >= 0:
+                        if COMPACT:
+                            row = u * 0 + rr  # int64, also where the interpreter's rr is a Python int
+                        else:
+                            row = u
+                        tl.store(gub_ptr + row * (OUT * RU) + o[:, None] * RU + j[None, :],
+                                 (acc_u * user_scaling).to(gub_ptr.dtype.element_ty),
+                                 mask=omask[:, None] & (j < RU)[None, :])
+                    acc_u = tl.zeros((BLOCK_M, RUP), dtype=tl.float32)
+    if DO_B:  # column c = (e, i) of B_all^T goes to lora_B[e, o, i]
+        boff = (c // R) * (OUT * R) + (c % R)
+        tl.store(gb_ptr + boff[None, :] + o[:, None] * R, (acc_b * scaling).to(gb_ptr.dtype.element_ty),
+                 mask=omask[:, None] & (c < E * R)[None, :])
 
 
 # -- launchers ------------------------------------------------------------------------------
@@ -514,7 +591,8 @@ class _Call:
         self.bwd_dh = cfg("bwd_dh", size, width)
         self.bwd_dx = cfg("bwd_dx", size, width)
         self.grouped = cfg("grouped")
-        self.bank = cfg("bank_grad")
+        self.wgrad_in = cfg("wgrad_in", "any", width)
+        self.wgrad_out = cfg("wgrad_out", "any", width)
         self.BLOCK_P = self.grouped[0]
         # The expert columns one dot takes: all of them for 16-bit inputs (one tensor-core
         # dot), a chunk for fp32, whose CUDA-core dots hold both operands in registers.
@@ -663,20 +741,6 @@ def _segment_gemm(s: _Call, sched, left, right, M, N, left_by_token, right_by_to
     return out
 
 
-def _bank_grad_launch(s: _Call, table, left, right, M, N, scale, out, compact, max_runs):
-    """out[u] (or out[r] when compact) = scale * sum over the run of user u of L^T R."""
-    bp, bmn, warps, stages = s.bank
-    bm, bn = min(_pow2(M), bmn), min(_pow2(N), bmn)
-    _launch.launch(
-        _bank_grad, (max_runs, triton.cdiv(M, bm), triton.cdiv(N, bn)),
-        (left, right, table[ORDER], table[RUN_USER], table[RUN_START], table[RUN_END], out, scale),
-        dict(M=M, N=N, COMPACT=compact, BLOCK_P=bp, BLOCK_M=bm, BLOCK_N=bn, DT=s.DT, PREC=s.PREC),
-        warps, stages, bytes=_nbytes(left, right) + min(out.numel(), max_runs * M * N) * out.element_size(),
-        flops=2 * s.T * M * N, note="user bank gradient (per run)",
-    )
-    return out
-
-
 def backward(s: _Call, dy2, dgates, dlext, saved, x2, xl2, table, max_runs, lora_A, lora_B, scaling, temperature,
              router_x, router_user, router_h, user_A, user_B, user_scaling, needs, compact):
     """Gradients by name: x, x_lora, lora_A, lora_B, router_x, router_user, router_h, user_A,
@@ -744,30 +808,63 @@ def backward(s: _Call, dy2, dgates, dlext, saved, x2, xl2, table, max_runs, lora
         flops=2 * T * s.IN * ((s.ER if s.dense else 0) + (s.E if has_wx else 0) + s.RU), note="backward: dx",
     )
     grads: dict = dict(x=dxl if same_x else (dx if has_wx else None), x_lora=None if same_x else dxl)
-    # Weight gradients of the experts and the token router: GEMMs over the tokens in the input
-    # dtype (fp32 accumulation); one pass over x for both when they read the same x.
+    # Weight gradients: one pass over x (lora_A, router_x, the bank's user_A) and one over dy
+    # (lora_B, the bank's user_B), on tensor cores in the input dtype with fp32 accumulation.
     need_a = s.dense and needs["lora_A"] and scaling != 0.0
+    need_b = s.dense and needs["lora_B"] and scaling != 0.0
     need_wx = has_wx and needs["router_x"]
-    dl_cols = dcat[:, (s.ER if s.dense else 0):]
-    if need_a and need_wx and same_x:
-        both = _matmul_t(dcat, xl2)
-        # One GEMM, two gradients; the router's few rows are copied out (op outputs may not alias).
-        grads["lora_A"], grads["router_x"] = both[: s.ER].reshape(lora_A.shape), both[s.ER:].clone()
-    else:
+    need_ua = has_u and needs["user_A"]
+    need_ub = has_u and needs["user_B"]
+    bank_rows = max_runs if compact else (user_A.shape[0] if has_u else 0)
+    wx_here = need_wx and same_x  # router_x reads x, not x_lora: with dropout it gets its own GEMM
+    if need_a or wx_here or need_ua:
+        ga = _empty(s.ER, s.IN, device=dev, dtype=lora_A.dtype) if need_a else dummy
+        gwx = _empty(s.E, s.IN, device=dev, dtype=router_x.dtype) if wx_here else dummy
+        gua = torch.zeros(bank_rows, s.RU, s.IN, device=dev, dtype=user_A.dtype) if need_ua else dummy
+        bp, bk, warps, stages = s.wgrad_in
+        _launch.launch(
+            _wgrad_in, (triton.cdiv(s.IN, bk),),
+            (dcat, dhu, xl2, order, run, run_user, table[RUN_END], ga, gwx, gua, T),
+            dict(IN=s.IN, E=s.E, R=s.R, RU=s.RU, EP=s.EP, ERP=s.ERP, RUP=s.RUP, CW=s.CW,
+                 LOFF=s.ER if s.dense else 0, DO_A=need_a, DO_WX=wx_here, DO_U=need_ua, COMPACT=compact,
+                 BLOCK_P=bp, BLOCK_K=bk, DT=s.DT, PREC=s.PREC),
+            warps, stages, bytes=_nbytes(xl2, dcat, dhu if need_ua else None, None if ga is dummy else ga,
+                                         None if gwx is dummy else gwx)
+            + (_bank_bytes(gua, max_runs) if need_ua else 0),
+            flops=2 * T * s.IN * ((s.ER if need_a else 0) + (s.E if wx_here else 0) + (s.RU if need_ua else 0)),
+            note="weight gradients over x (lora_A, router_x, user_A)",
+        )
         if need_a:
-            grads["lora_A"] = _matmul_t(dcat[:, : s.ER], xl2).reshape(lora_A.shape)
-        if need_wx:
-            grads["router_x"] = _matmul_t(dl_cols, x2)
-    if scaling != 0.0:
-        if s.dense:
-            if needs["lora_B"]:
-                gb = _matmul_t(dy2, hg, scale=scaling)  # [out, E*r]
-                grads["lora_B"] = gb.reshape(s.OUT, s.E, s.R).permute(1, 0, 2).contiguous()
-        else:
-            if needs["lora_A"]:
-                grads["lora_A"] = _segment_gemm(s, sched, dh, xl2, s.R, s.IN, False, True, 1.0, lora_A.dtype)
-            if needs["lora_B"]:
-                grads["lora_B"] = _segment_gemm(s, sched, dy2, hg, s.OUT, s.R, True, False, scaling, lora_B.dtype)
+            grads["lora_A"] = ga.reshape(lora_A.shape)
+        if wx_here:
+            grads["router_x"] = gwx
+        if need_ua:
+            grads["user_A"] = gua
+    if need_wx and not same_x:
+        grads["router_x"] = _matmul_t(dcat[:, (s.ER if s.dense else 0):], x2)
+    if need_b or need_ub:
+        gb = _empty(*lora_B.shape, device=dev, dtype=lora_B.dtype) if need_b else dummy
+        gub = torch.zeros(bank_rows, s.OUT, s.RU, device=dev, dtype=user_B.dtype) if need_ub else dummy
+        bp, bm, warps, stages = s.wgrad_out
+        _launch.launch(
+            _wgrad_out, (triton.cdiv(s.OUT, bm),),
+            (dy2, hg, hu, order, run, run_user, table[RUN_END], gb, gub, T, scaling, user_scaling),
+            dict(OUT=s.OUT, E=s.E, R=s.R, RU=s.RU, ERP=s.ERP, RUP=s.RUP, DO_B=need_b, DO_U=need_ub, COMPACT=compact,
+                 BLOCK_P=bp, BLOCK_M=bm, DT=s.DT, PREC=s.PREC),
+            warps, stages, bytes=_nbytes(dy2, hg if need_b else None, hu if need_ub else None,
+                                         None if gb is dummy else gb) + (_bank_bytes(gub, max_runs) if need_ub else 0),
+            flops=2 * T * s.OUT * ((s.ER if need_b else 0) + (s.RU if need_ub else 0)),
+            note="weight gradients over dy (lora_B, user_B)",
+        )
+        if need_b:
+            grads["lora_B"] = gb
+        if need_ub:
+            grads["user_B"] = gub
+    if scaling != 0.0 and not s.dense:
+        if needs["lora_A"]:
+            grads["lora_A"] = _segment_gemm(s, sched, dh, xl2, s.R, s.IN, False, True, 1.0, lora_A.dtype)
+        if needs["lora_B"]:
+            grads["lora_B"] = _segment_gemm(s, sched, dy2, hg, s.OUT, s.R, True, False, scaling, lora_B.dtype)
     if router_user is not None and needs["router_user"]:
         rows = torch.where(uid >= 0, uid, router_user.shape[0] - 1)
         if compact:
@@ -777,14 +874,6 @@ def backward(s: _Call, dy2, dgates, dlext, saved, x2, xl2, table, max_runs, lora
             grads["router_user"] = table_grad.index_add_(0, rows, dlogits).to(router_user.dtype)
     if has_wh and needs["router_h"]:
         grads["router_h"] = (dlogits.t() @ hu).to(router_h.dtype)
-    if has_u:
-        bank_rows = max_runs if compact else user_A.shape[0]
-        if needs["user_A"]:
-            out = torch.zeros(bank_rows, s.RU, s.IN, device=dev, dtype=user_A.dtype)
-            grads["user_A"] = _bank_grad_launch(s, table, dhu, xl2, s.RU, s.IN, 1.0, out, compact, max_runs)
-        if needs["user_B"]:
-            out = torch.zeros(bank_rows, s.OUT, s.RU, device=dev, dtype=user_B.dtype)
-            grads["user_B"] = _bank_grad_launch(s, table, dy2, hu, s.OUT, s.RU, user_scaling, out, compact, max_runs)
     return grads
 
 
