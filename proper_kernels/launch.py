@@ -141,7 +141,8 @@ def record_external(name: str, bytes: int, flops: int) -> None:
 # Values: BLOCK_T (tokens), BLOCK_K or BLOCK_N (features), num_warps, num_stages.
 
 DECODE_TOKENS = 256  # up to this many tokens a call is "decode"
-FP32_COLUMN_CHUNK = 32  # expert columns per dot for fp32 inputs (16-bit: all in one dot)
+FP32_COLUMN_CHUNK = 32  # expert columns per dot for fp32 inputs
+WIDE_COLUMN_CHUNK = 256  # expert columns per dot for 16-bit inputs (all of a dense strategy's)
 
 CONFIGS: dict[tuple, tuple] = {}
 
@@ -162,9 +163,18 @@ def _fill() -> None:
             CONFIGS[("bwd_dh", tgt, "decode", width)] = (16, 64, 4, stages)
             CONFIGS[("bwd_dx", tgt, "prefill", width)] = (64, 128 if width <= 64 else 64, 4 if width <= 64 else 8, stages)
             CONFIGS[("bwd_dx", tgt, "decode", width)] = (16, 64, 4, stages)
-        # Routing alone (the grouped strategy): no expert columns in the tile.
-        CONFIGS[("route", tgt, "any", 0)] = (64, 64, 4, stages)
-        CONFIGS[("route", tgt, "any", 0, "fp32")] = (32, 32, 4, 2)
+        # The grouped strategy's routing kernels (forward, backward, the router's part of
+        # dx): no expert columns in the tile, but rows of up to 1024 experts; keyed by E
+        # padded (EP), the tile keeps about 4K router values.
+        for ep in (16, 32, 64, 128, 256, 512, 1024):
+            bt = max(16, min(64, 4096 // ep))
+            warps = 8 if ep >= 256 else 4
+            CONFIGS[("route", tgt, "any", ep)] = (bt, 32 if ep >= 512 else 64, warps, stages)
+            CONFIGS[("route_bwd", tgt, "any", ep)] = (bt, 32 if ep >= 256 else 64, warps, stages)
+            CONFIGS[("route_dx", tgt, "any", ep)] = (bt, 64, warps, stages)
+            CONFIGS[("route", tgt, "any", ep, "fp32")] = (min(bt, 32), 32, warps, 2)
+            CONFIGS[("route_bwd", tgt, "any", ep, "fp32")] = (min(bt, 16), 32, 8, 2)
+            CONFIGS[("route_dx", tgt, "any", ep, "fp32")] = (min(bt, 32), 32, 4, 2)
         # Summing the split-K partials and routing: rows of E*r fp32 columns.
         for width in (16, 32, 64, 128, 256):
             CONFIGS[("reduce", tgt, "any", width)] = (max(16, min(64, 2048 // width)), 0, 4, 1)
@@ -184,14 +194,15 @@ def _fill() -> None:
                 warps = 8 if width >= 256 or kind in ("expand", "bwd_dh") else 4
                 CONFIGS[(kind, tgt, "prefill", width, "fp32")] = (32, 32, warps, 2)
                 CONFIGS[(kind, tgt, "decode", width, "fp32")] = (16, 32, warps, 2)
-        # width 16 is also the grouped strategy's router backward: up to 1024 experts a row.
         CONFIGS[("bwd_dh", tgt, "prefill", 16, "fp32")] = (16, 32, 8, 2)
     for kind in ("shrink", "expand", "bwd_dh", "bwd_dx"):
         for width in (16, 32, 64, 128, 256):
             for size in ("prefill", "decode"):
                 CONFIGS[(kind, "interp", size, width)] = (64, 64, 1, 1)
-    for kind in ("route", "grouped"):
-        CONFIGS[(kind, "interp", "any", 0)] = (64, 64, 1, 1)
+    CONFIGS[("grouped", "interp", "any", 0)] = (64, 64, 1, 1)
+    for ep in (16, 32, 64, 128, 256, 512, 1024):
+        for kind in ("route", "route_bwd", "route_dx"):
+            CONFIGS[(kind, "interp", "any", ep)] = (64, 64, 1, 1)
     for width in (16, 32, 64, 128, 256):
         CONFIGS[("reduce", "interp", "any", width)] = (64, 0, 1, 1)
         CONFIGS[("wgrad_in", "interp", "any", width)] = (64, 64, 1, 1)

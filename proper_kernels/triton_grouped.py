@@ -11,6 +11,12 @@ Kernels (routing, the user LoRA and the router backward come from triton_linear)
   _bwd_dh        d(g*h) = s_g dy[tok] B_e, d gate per pair, dh = g * d(g*h)
   _bwd_dx        dx32[tok] += dh A_e                 (atomic adds over the k slots)
   _segment_gemm  per expert: sum over its pairs of L^T R (weight gradients of A and B)
+
+Up to ``WIDE_MAX_COLUMNS`` expert columns (E*r) the shrink and the d(g*h) kernel also write
+g*h and dh into a dense [T, E*r] layout (zero where a token did not pick the expert), and
+triton_linear's dense expand and dx take it from there: no atomics and no fp32 staging of
+[T, out] or [T, in], in base_out's own memory, at the price of E/k times the (small) FLOPs
+of the two expand products. Past it the atomic kernels above run.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+# Widest E*r for which the expand and dx read a dense [T, E*r] layout instead of atomics.
+WIDE_MAX_COLUMNS = 2048
 
 
 @dataclass
@@ -86,10 +95,12 @@ def _block(block_expert_ptr, block_start_ptr, seg_ptr, order_ptr, E: tl.constexp
 
 @triton.jit
 def _shrink(
-    x_ptr, a_ptr, gate_ptr, order_ptr, seg_ptr, block_expert_ptr, block_start_ptr, h_ptr, hg_ptr,
+    x_ptr, a_ptr, gate_ptr, order_ptr, seg_ptr, block_expert_ptr, block_start_ptr, h_ptr, hg_ptr, wide_ptr,
     IN: tl.constexpr, E: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, TOP_K: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    WIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
+    """WIDE: g*h also goes to the token's row of wide [T, E*r] (expert e's columns), for a
+    dense expand without atomics."""
     e, ec, rows, rmask, pair, tok = _block(block_expert_ptr, block_start_ptr, seg_ptr, order_ptr, E, TOP_K, BLOCK_P)
     if e < E:
         j = tl.arange(0, RP)
@@ -104,6 +115,9 @@ def _shrink(
         m = rmask[:, None] & (j < R)[None, :]
         tl.store(h_ptr + rows[:, None] * R + j[None, :], h, mask=m)
         tl.store(hg_ptr + rows[:, None] * R + j[None, :], (h * gate[:, None]).to(hg_ptr.dtype.element_ty), mask=m)
+        if WIDE:
+            tl.store(wide_ptr + tok[:, None].to(tl.int64) * (E * R) + ec * R + j[None, :],
+                     (h * gate[:, None]).to(wide_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -125,10 +139,13 @@ def _expand(
 
 @triton.jit
 def _bwd_dh(
-    dy_ptr, b_ptr, h_ptr, gate_ptr, order_ptr, seg_ptr, block_expert_ptr, block_start_ptr, dh_ptr, dslot_ptr, scaling,
-    OUT: tl.constexpr, E: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, TOP_K: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    dy_ptr, b_ptr, h_ptr, gate_ptr, order_ptr, seg_ptr, block_expert_ptr, block_start_ptr, dh_ptr, dslot_ptr, wide_ptr,
+    scaling,
+    OUT: tl.constexpr, E: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, TOP_K: tl.constexpr, CW: tl.constexpr,
+    WIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
+    """WIDE: dh also goes to the token's row of wide [T, CW] (expert e's columns), for a
+    dense dx without atomics."""
     e, ec, rows, rmask, pair, tok = _block(block_expert_ptr, block_start_ptr, seg_ptr, order_ptr, E, TOP_K, BLOCK_P)
     if e < E:
         j = tl.arange(0, RP)
@@ -145,6 +162,9 @@ def _bwd_dh(
         gate = tl.load(gate_ptr + pair, mask=rmask, other=0.0)
         tl.store(dslot_ptr + pair, tl.sum(dhg * h, axis=1), mask=rmask)
         tl.store(dh_ptr + rows[:, None] * R + j[None, :], dhg * gate[:, None], mask=m)
+        if WIDE:
+            tl.store(wide_ptr + tok[:, None].to(tl.int64) * CW + ec * R + j[None, :],
+                     (dhg * gate[:, None]).to(wide_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit

@@ -99,6 +99,18 @@ def _block_tokens(order_ptr, run_ptr, T, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
+def _dot_f32(a, b, DT: tl.constexpr, PREC: tl.constexpr):
+    """a @ b for an fp32 a and a b in the dot dtype DT, on tensor cores and nearly as exact as
+    fp32: a is split into a DT high part and a DT remainder (two dots). Keeps the router's
+    W_h terms in fp32 precision for 16-bit inputs."""
+    if DT == tl.float32:
+        return tl.dot(a, b, input_precision=PREC)
+    hi = a.to(DT)
+    lo = (a - hi.to(tl.float32)).to(DT)
+    return tl.dot(hi, b, input_precision=PREC) + tl.dot(lo, b, input_precision=PREC)
+
+
+@triton.jit
 def _gate_columns(idx, gates, kcol, c, BLOCK_T: tl.constexpr, ERP: tl.constexpr, R: tl.constexpr,
                   ER: tl.constexpr, TOP_K: tl.constexpr):
     """[BT, ERP]: the gate of each expert column (column c belongs to expert c // R)."""
@@ -118,6 +130,7 @@ def _finish_routing(
     E: tl.constexpr, R: tl.constexpr, RU: tl.constexpr, TOP_K: tl.constexpr, EP: tl.constexpr,
     ERP: tl.constexpr, RUP: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_R: tl.constexpr, HAS_WH: tl.constexpr, HAS_U: tl.constexpr, SHRINK: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr,
 ):
     """Add the user and LoRA-aware router terms, route in fp32, store the side outputs (by
     token)."""
@@ -131,11 +144,9 @@ def _finish_routing(
         rrow = tl.where(has_row, uid, default_row)
         logits += tl.load(r_ptr + rrow[:, None] * E + col[None, :],
                           mask=tmask[:, None] & (col < E)[None, :], other=0.0).to(tl.float32)
-    if HAS_WH:
-        for jj in range(RU):  # logits += h_u W_h^T, one rank at a time (no 3-D tile)
-            hcol = tl.sum(tl.where(j[None, :] == jj, hu, 0.0), axis=1)
-            w = tl.load(wh_ptr + col * RU + jj, mask=col < E, other=0.0).to(tl.float32)
-            logits += hcol[:, None] * w[None, :]
+    if HAS_WH:  # logits += h_u W_h^T
+        wh = tl.load(wh_ptr + col[None, :] * RU + j[:, None], mask=(col < E)[None, :] & (j < RU)[:, None], other=0.0)
+        logits += _dot_f32(hu, wh.to(DT), DT, PREC)
     p = softmax_rows(logits, col, E, inv_temperature)
     idx, gates = topk_select(p, col, kcol, E, EP, TOP_K)
     if SHRINK:
@@ -207,7 +218,7 @@ def _shrink(
     if SPLIT == 1:
         _finish_routing(h, logits, hu, tok, pmask, uid_ptr, r_ptr, wh_ptr, h_ptr, hg_ptr, hu_ptr, logit_ptr,
                         gate_ptr, idx_ptr, default_row, inv_temperature, E, R, RU, TOP_K, EP, ERP, RUP, KP,
-                        BLOCK_T, HAS_R, HAS_WH, HAS_U, SHRINK)
+                        BLOCK_T, HAS_R, HAS_WH, HAS_U, SHRINK, DT, PREC)
     else:
         row = sid.to(tl.int64) * T + tok
         if SHRINK:
@@ -226,7 +237,7 @@ def _route(
     E: tl.constexpr, R: tl.constexpr, RU: tl.constexpr, TOP_K: tl.constexpr,
     EP: tl.constexpr, ERP: tl.constexpr, RUP: tl.constexpr, KP: tl.constexpr,
     HAS_WX: tl.constexpr, HAS_R: tl.constexpr, HAS_WH: tl.constexpr, HAS_U: tl.constexpr,
-    SHRINK: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr,
+    SHRINK: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
     """Sum the split-K partials of _shrink and finish the routing, per block of tokens."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -248,7 +259,7 @@ def _route(
             hu += tl.load(phu_ptr + row[:, None] * RU + j[None, :], mask=tmask[:, None] & (j < RU)[None, :], other=0.0)
     _finish_routing(h, logits, hu, tok, tmask, uid_ptr, r_ptr, wh_ptr, h_ptr, hg_ptr, hu_ptr, logit_ptr,
                     gate_ptr, idx_ptr, default_row, inv_temperature, E, R, RU, TOP_K, EP, ERP, RUP, KP,
-                    BLOCK_T, HAS_R, HAS_WH, HAS_U, SHRINK)
+                    BLOCK_T, HAS_R, HAS_WH, HAS_U, SHRINK, DT, PREC)
 
 
 @triton.jit
@@ -303,12 +314,12 @@ def _bwd_dh(
     dlext_ptr, dgext_ptr, dslot_ptr, dcat_ptr, dlogit_ptr, dhu_ptr,
     T, scaling, user_scaling, inv_temperature,
     OUT: tl.constexpr, E: tl.constexpr, R: tl.constexpr, RU: tl.constexpr, TOP_K: tl.constexpr,
-    EP: tl.constexpr, ERP: tl.constexpr, RUP: tl.constexpr, KP: tl.constexpr, CW: tl.constexpr,
+    EP: tl.constexpr, ERP: tl.constexpr, RUP: tl.constexpr, KP: tl.constexpr, CW: tl.constexpr, LOFF: tl.constexpr,
     HAS_WH: tl.constexpr, HAS_U: tl.constexpr, HAS_DLEXT: tl.constexpr, HAS_DGEXT: tl.constexpr,
     DENSE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
     """dcat [T, CW] (input dtype) gets dh in columns [0, E*r) (dense) and d logits in
-    [E*r, E*r + E); d logits also go to dlogit [T, E] fp32. DENSE=False (grouped strategy):
+    [LOFF, LOFF + E); d logits also go to dlogit [T, E] fp32. DENSE=False (grouped strategy):
     the experts' d gate per (token, slot) arrives in dslot [T, k]."""
     pos, pmask, tok, prun, r_first, r_last = _block_tokens(order_ptr, run_ptr, T, BLOCK_T)
     col = tl.arange(0, EP)
@@ -362,20 +373,16 @@ def _bwd_dh(
     if HAS_DLEXT:
         dlogits += tl.load(dlext_ptr + tok[:, None] * E + col[None, :], mask=te, other=0.0).to(tl.float32)
     dlogits = tl.where(te, dlogits, 0.0)
-    if HAS_WH:
-        for e in range(E):  # dh_u += d logits W_h, one expert at a time (no 3-D tile)
-            dcol = tl.sum(tl.where(col[None, :] == e, dlogits, 0.0), axis=1)
-            w = tl.load(wh_ptr + e * RU + j, mask=j < RU, other=0.0).to(tl.float32)
-            dhu += dcol[:, None] * w[None, :]
+    if HAS_WH:  # dh_u += d logits W_h
+        wh = tl.load(wh_ptr + col[:, None] * RU + j[None, :], mask=(col < E)[:, None] & (j < RU)[None, :], other=0.0)
+        dhu += _dot_f32(dlogits, wh.to(DT), DT, PREC)
 
     if DENSE:
         gates = tl.load(gate_ptr + tok[:, None] * TOP_K + kcol[None, :], mask=tk, other=0.0)
         gc = _gate_columns(idx, gates, kcol, c, BLOCK_T, ERP, R, E * R, TOP_K)
         tl.store(dcat_ptr + tok[:, None] * CW + c[None, :], (dhg * gc).to(dcat_ptr.dtype.element_ty),
                  mask=pmask[:, None] & cmask[None, :])
-        tl.store(dcat_ptr + tok[:, None] * CW + E * R + col[None, :], dlogits.to(dcat_ptr.dtype.element_ty), mask=te)
-    else:
-        tl.store(dcat_ptr + tok[:, None] * CW + col[None, :], dlogits.to(dcat_ptr.dtype.element_ty), mask=te)
+    tl.store(dcat_ptr + tok[:, None] * CW + LOFF + col[None, :], dlogits.to(dcat_ptr.dtype.element_ty), mask=te)
     tl.store(dlogit_ptr + tok[:, None] * E + col[None, :], dlogits, mask=te)
     if HAS_U:
         uid = tl.load(uid_ptr + tok, mask=pmask, other=-1)
@@ -568,7 +575,11 @@ class _Call:
         self.RP = _pow2(self.R)
         self.RUP = _pow2(r_u)
         self.KP = _pow2(top_k, floor=2)
-        self.CW = (self.ER if self.dense else 0) + self.E  # width of the backward's dcat
+        # Grouped up to WIDE_MAX_COLUMNS: the expand and dx read g*h and dh in a dense layout.
+        self.wide = not self.dense and self.ER <= triton_grouped.WIDE_MAX_COLUMNS
+        self.ERX = _pow2(self.ER) if (self.dense or self.wide) else 16  # columns the expand and dx see
+        self.CW = (self.ER if (self.dense or self.wide) else 0) + self.E  # width of the backward's dcat
+        self.LOFF = self.CW - self.E  # where d logits start in dcat
         self.dtype = x2.dtype
         self.DT = _dot_dtype(x2.dtype)
         self.PREC = _precision(x2.dtype)
@@ -580,23 +591,26 @@ class _Call:
         self.target = _launch.target_of(device)
         size = _launch.size_class(self.T)
         width = self.ERP if self.dense else 16
+        xwidth = self.ERP if self.dense else (256 if self.wide else 16)  # the expand's and dx's
         fp32 = x2.dtype == torch.float32
 
         def cfg(kind, size="any", width=0):
             return _launch.config(kind, self.target, size, width, fp32)
 
-        self.shrink = cfg("shrink", size, width) if self.dense else cfg("route")
+        if self.dense:
+            self.shrink, self.bwd_dh = cfg("shrink", size, width), cfg("bwd_dh", size, width)
+        else:  # the grouped strategy's routing kernels: keyed by the experts a row holds
+            self.shrink, self.bwd_dh = cfg("route", "any", self.EP), cfg("route_bwd", "any", self.EP)
         self.route = cfg("reduce", "any", width)
-        self.expand = cfg("expand", size, width)
-        self.bwd_dh = cfg("bwd_dh", size, width)
-        self.bwd_dx = cfg("bwd_dx", size, width)
+        self.expand = cfg("expand", size, xwidth)
+        self.bwd_dx = cfg("bwd_dx", size, xwidth) if (self.dense or self.wide) else cfg("route_dx", "any", self.EP)
         self.grouped = cfg("grouped")
         self.wgrad_in = cfg("wgrad_in", "any", width)
         self.wgrad_out = cfg("wgrad_out", "any", width)
         self.BLOCK_P = self.grouped[0]
         # The expert columns one dot takes: all of them for 16-bit inputs (one tensor-core
         # dot), a chunk for fp32, whose CUDA-core dots hold both operands in registers.
-        self.BLOCK_C = min(self.ERP, _launch.FP32_COLUMN_CHUNK) if fp32 else self.ERP
+        self.BLOCK_C = min(self.ERX, _launch.FP32_COLUMN_CHUNK if fp32 else _launch.WIDE_COLUMN_CHUNK)
         self.split = 1
         if size == "decode":  # split the features so that the shrink covers every SM
             blocks = triton.cdiv(self.T, self.shrink[0])
@@ -690,7 +704,7 @@ def forward(s: _Call, x2, xl2, base2, table, lora_A, lora_B, scaling, temperatur
             (outs[0], outs[3], outs[2], uid, router_user if has_r else dummy, router_h if has_wh else dummy,
              h, hg, hu, logits, gates, idx, T, default_row, 1.0 / temperature),
             dict(E=s.E, R=s.R, RU=s.RU, TOP_K=s.TOP_K, EP=s.EP, ERP=s.ERP, RUP=s.RUP, KP=s.KP, HAS_WX=has_wx,
-                 BLOCK_T=bt, **routing),
+                 BLOCK_T=bt, DT=s.DT, PREC=s.PREC, **routing),
             warps, stages, bytes=written + _nbytes(h, hg, hu, logits, gates, idx, router_h),
             note="route (sum split-K partials)",
         )
@@ -703,26 +717,31 @@ def forward(s: _Call, x2, xl2, base2, table, lora_A, lora_B, scaling, temperatur
         args = (sched.order, sched.seg, sched.block_expert, sched.block_start)
         _, bk, warps, stages = s.grouped
         P = s.num_pairs()
-        _launch.launch(triton_grouped._shrink, (nb,), (xl2, lora_A, gates, *args, h, hg),
-                       dict(IN=s.IN, BLOCK_K=bk, **s.grouped_consts()), warps, stages,
-                       bytes=s.TOP_K * _nbytes(xl2) + _nbytes(lora_A, h, hg), flops=2 * P * s.IN * s.R,
-                       note="grouped shrink")
-        extra = torch.zeros(T, s.OUT, **f32)  # accumulated by atomic adds: must start at 0
-        _launch.launch(triton_grouped._expand, (nb, triton.cdiv(s.OUT, bk)), (hg, lora_B, *args, extra, scaling),
-                       dict(OUT=s.OUT, BLOCK_N=bk, **s.grouped_consts()), warps, stages,
-                       bytes=_nbytes(hg, lora_B) + 2 * s.TOP_K * _nbytes(extra), flops=2 * P * s.OUT * s.R,
-                       note="grouped expand (fp32 atomics)")
+        # zeros: the columns of the experts a token did not pick
+        wide = torch.zeros(T, s.ER, device=dev, dtype=x2.dtype) if s.wide else dummy
+        _launch.launch(triton_grouped._shrink, (nb,), (xl2, lora_A, gates, *args, h, hg, wide),
+                       dict(IN=s.IN, BLOCK_K=bk, WIDE=s.wide, **s.grouped_consts()), warps, stages,
+                       bytes=s.TOP_K * _nbytes(xl2) + _nbytes(lora_A, h, hg) + (_nbytes(wide) if s.wide else 0),
+                       flops=2 * P * s.IN * s.R, note="grouped shrink")
+        if not s.wide:
+            extra = torch.zeros(T, s.OUT, **f32)  # accumulated by atomic adds: must start at 0
+            _launch.launch(triton_grouped._expand, (nb, triton.cdiv(s.OUT, bk)), (hg, lora_B, *args, extra, scaling),
+                           dict(OUT=s.OUT, BLOCK_N=bk, **s.grouped_consts()), warps, stages,
+                           bytes=_nbytes(hg, lora_B) + 2 * s.TOP_K * _nbytes(extra), flops=2 * P * s.OUT * s.R,
+                           note="grouped expand (fp32 atomics)")
     if y is None:
         y = _empty(T, s.OUT, device=dev, dtype=base2.dtype)
     bt, bn, warps, stages = s.expand
+    dense_in = s.dense or s.wide
+    gh = hg if s.dense else wide
     _launch.launch(
         _expand, (triton.cdiv(T, bt), triton.cdiv(s.OUT, bn)),
-        (hg, hu, order, run, run_user, lora_B, user_B if has_u else dummy, base2, extra, y, T, scaling, user_scaling),
-        dict(OUT=s.OUT, HAS_U=has_u, DENSE=s.dense, BLOCK_T=bt, BLOCK_N=bn, BLOCK_C=s.BLOCK_C, **s.consts()),
+        (gh, hu, order, run, run_user, lora_B, user_B if has_u else dummy, base2, extra, y, T, scaling, user_scaling),
+        dict(s.consts(), ERP=s.ERX, OUT=s.OUT, HAS_U=has_u, DENSE=dense_in, BLOCK_T=bt, BLOCK_N=bn, BLOCK_C=s.BLOCK_C),
         warps, stages,
-        bytes=_nbytes(base2, y, lora_B if s.dense else extra) + bank_b + (_nbytes(hg) if s.dense else 0)
+        bytes=_nbytes(base2, y, lora_B if dense_in else extra) + bank_b + (_nbytes(gh) if dense_in else 0)
         + (_nbytes(hu) if has_u else 0),
-        flops=2 * T * s.OUT * ((s.ER if s.dense else 0) + s.RU), note="expand (adds into base_out)",
+        flops=2 * T * s.OUT * ((s.ER if dense_in else 0) + s.RU), note="expand (adds into base_out)",
     )
     return y, (h, hg, hu, logits, gates, idx, meta)
 
@@ -753,7 +772,8 @@ def backward(s: _Call, dy2, dgates, dlext, saved, x2, xl2, table, max_runs, lora
     T = s.T
     order, run, run_user, uid = table[ORDER], table[RUN], table[RUN_USER], table[UID]
     dy2 = dy2.contiguous()
-    dcat = _empty(T, s.CW, device=dev, dtype=x2.dtype)
+    # wide: zeros, the columns of the experts a token did not pick
+    dcat = (torch.zeros if s.wide else _empty)(T, s.CW, device=dev, dtype=x2.dtype)
     dhu = _empty(T, max(s.RU, 1), **f32)
     dlogits = _empty(T, s.E, **f32)
     dummy = x2
@@ -767,15 +787,17 @@ def backward(s: _Call, dy2, dgates, dlext, saved, x2, xl2, table, max_runs, lora
         dslot = _empty(T, s.TOP_K, **f32)
         dh = _empty(s.num_pairs(), s.R, **f32)
         _, bk, warps, stages = s.grouped
-        _launch.launch(triton_grouped._bwd_dh, (nb,), (dy2, lora_B, h, gates, *args, dh, dslot, scaling),
-                       dict(OUT=s.OUT, BLOCK_N=bk, **s.grouped_consts()), warps, stages,
+        _launch.launch(triton_grouped._bwd_dh, (nb,), (dy2, lora_B, h, gates, *args, dh, dslot,
+                                                      dcat if s.wide else dummy, scaling),
+                       dict(OUT=s.OUT, BLOCK_N=bk, CW=s.CW, WIDE=s.wide, **s.grouped_consts()), warps, stages,
                        bytes=s.TOP_K * _nbytes(dy2) + _nbytes(lora_B, h, dh, dslot), flops=2 * s.num_pairs() * s.OUT * s.R,
                        note="grouped d(g h)")
-        extra = torch.zeros(T, s.IN, **f32)  # accumulated by atomic adds: must start at 0
-        _launch.launch(triton_grouped._bwd_dx, (nb, triton.cdiv(s.IN, bk)), (dh, lora_A, *args, extra),
-                       dict(IN=s.IN, BLOCK_K=bk, **s.grouped_consts()), warps, stages,
-                       bytes=_nbytes(dh, lora_A) + 2 * s.TOP_K * _nbytes(extra), flops=2 * s.num_pairs() * s.IN * s.R,
-                       note="grouped dx (fp32 atomics)")
+        if not s.wide:
+            extra = torch.zeros(T, s.IN, **f32)  # accumulated by atomic adds: must start at 0
+            _launch.launch(triton_grouped._bwd_dx, (nb, triton.cdiv(s.IN, bk)), (dh, lora_A, *args, extra),
+                           dict(IN=s.IN, BLOCK_K=bk, **s.grouped_consts()), warps, stages,
+                           bytes=_nbytes(dh, lora_A) + 2 * s.TOP_K * _nbytes(extra),
+                           flops=2 * s.num_pairs() * s.IN * s.R, note="grouped dx (fp32 atomics)")
     bt, bn, warps, stages = s.bwd_dh
     _launch.launch(
         _bwd_dh, (triton.cdiv(T, bt),),
@@ -783,7 +805,7 @@ def backward(s: _Call, dy2, dgates, dlext, saved, x2, xl2, table, max_runs, lora
          h, logits, gates, idx, dlext.contiguous() if dlext is not None else dummy,
          dgates.contiguous() if dgates is not None else dummy, dslot, dcat, dlogits, dhu,
          T, scaling, user_scaling, 1.0 / temperature),
-        dict(OUT=s.OUT, TOP_K=s.TOP_K, EP=s.EP, KP=s.KP, CW=s.CW, HAS_WH=has_wh, HAS_U=has_u,
+        dict(OUT=s.OUT, TOP_K=s.TOP_K, EP=s.EP, KP=s.KP, CW=s.CW, LOFF=s.LOFF, HAS_WH=has_wh, HAS_U=has_u,
              HAS_DLEXT=dlext is not None, HAS_DGEXT=dgates is not None, DENSE=s.dense, BLOCK_T=bt, BLOCK_N=bn,
              **s.consts()),
         warps, stages,
@@ -796,16 +818,17 @@ def backward(s: _Call, dy2, dgates, dlext, saved, x2, xl2, table, max_runs, lora
     dxl = _empty(*xl2.shape, device=dev, dtype=xl2.dtype)
     dx = dxl if same_x or not has_wx else _empty(*x2.shape, device=dev, dtype=x2.dtype)
     bt, bk, warps, stages = s.bwd_dx
+    dense_in = s.dense or s.wide
     _launch.launch(
         _bwd_dx, (triton.cdiv(T, bt), triton.cdiv(s.IN, bk)),
         (dcat, dhu, order, run, run_user, lora_A, user_A if has_u else dummy, router_x if has_wx else dummy,
          extra, dxl, dx, T),
-        dict(IN=s.IN, EP=s.EP, CW=s.CW, LOFF=s.ER if s.dense else 0, HAS_WX=has_wx, HAS_U=has_u, SAME_X=same_x,
-             DENSE=s.dense, BLOCK_T=bt, BLOCK_K=bk, BLOCK_C=s.BLOCK_C, **s.consts()),
+        dict(s.consts(), ERP=s.ERX, IN=s.IN, EP=s.EP, CW=s.CW, LOFF=s.LOFF, HAS_WX=has_wx, HAS_U=has_u,
+             SAME_X=same_x, DENSE=dense_in, BLOCK_T=bt, BLOCK_K=bk, BLOCK_C=s.BLOCK_C),
         warps, stages,
-        bytes=_nbytes(dcat, dxl, None if dx is dxl else dx, lora_A if s.dense else extra, router_x)
+        bytes=_nbytes(dcat, dxl, None if dx is dxl else dx, lora_A if dense_in else extra, router_x)
         + (_nbytes(dhu) + _bank_bytes(user_A, max_runs) if has_u else 0),
-        flops=2 * T * s.IN * ((s.ER if s.dense else 0) + (s.E if has_wx else 0) + s.RU), note="backward: dx",
+        flops=2 * T * s.IN * ((s.ER if dense_in else 0) + (s.E if has_wx else 0) + s.RU), note="backward: dx",
     )
     grads: dict = dict(x=dxl if same_x else (dx if has_wx else None), x_lora=None if same_x else dxl)
     # Weight gradients: one pass over x (lora_A, router_x, the bank's user_A) and one over dy
@@ -826,7 +849,7 @@ def backward(s: _Call, dy2, dgates, dlext, saved, x2, xl2, table, max_runs, lora
             _wgrad_in, (triton.cdiv(s.IN, bk),),
             (dcat, dhu, xl2, order, run, run_user, table[RUN_END], ga, gwx, gua, T),
             dict(IN=s.IN, E=s.E, R=s.R, RU=s.RU, EP=s.EP, ERP=s.ERP, RUP=s.RUP, CW=s.CW,
-                 LOFF=s.ER if s.dense else 0, DO_A=need_a, DO_WX=wx_here, DO_U=need_ua, COMPACT=compact,
+                 LOFF=s.LOFF, DO_A=need_a, DO_WX=wx_here, DO_U=need_ua, COMPACT=compact,
                  BLOCK_P=bp, BLOCK_K=bk, DT=s.DT, PREC=s.PREC),
             warps, stages, bytes=_nbytes(xl2, dcat, dhu if need_ua else None, None if ga is dummy else ga,
                                          None if gwx is dummy else gwx)
@@ -841,7 +864,7 @@ def backward(s: _Call, dy2, dgates, dlext, saved, x2, xl2, table, max_runs, lora
         if need_ua:
             grads["user_A"] = gua
     if need_wx and not same_x:
-        grads["router_x"] = _matmul_t(dcat[:, (s.ER if s.dense else 0):], x2)
+        grads["router_x"] = _matmul_t(dcat[:, s.LOFF:], x2)
     if need_b or need_ub:
         gb = _empty(*lora_B.shape, device=dev, dtype=lora_B.dtype) if need_b else dummy
         gub = torch.zeros(bank_rows, s.OUT, s.RU, device=dev, dtype=user_B.dtype) if need_ub else dummy
