@@ -12,13 +12,14 @@ import importlib.util
 import logging
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import _checks, cuda_backend, reference
+from .plan import BatchPlan
 from .reference import Routing
 
 log = logging.getLogger("proper_kernels")
@@ -295,3 +296,57 @@ def proper_linear(
     if checking:
         _checks.finite("router logits", routing.logits)
     return (y, routing) if return_routing else y
+
+
+class AdapterWeights(NamedTuple):
+    """One layer's adapter tensors: the weights half of the fused op's contract (the batch's
+    plan is the other half). Shapes as in :func:`proper_linear`."""
+
+    lora_A: Tensor
+    lora_B: Tensor
+    router_x: Optional[Tensor] = None
+    router_user: Optional[Tensor] = None
+    router_h: Optional[Tensor] = None
+    user_A: Optional[Tensor] = None
+    user_B: Optional[Tensor] = None
+
+
+def fused_linear(
+    x: Tensor,
+    base_out: Tensor,
+    weights: AdapterWeights,
+    plan: BatchPlan,
+    *,
+    scaling: float,
+    top_k: int,
+    temperature: float = 1.0,
+    user_scaling: float = 0.0,
+    dropout: float = 0.0,
+    training: bool = False,
+    return_routing: bool = False,
+    backend: str = "auto",
+    inplace: bool = False,
+    sparse_user_grad: bool = False,
+) -> Union[Tensor, tuple[Tensor, Routing]]:
+    """The fused op by its contract: the batch (a ``BatchPlan`` from
+    ``proper_kernels.build_plan``, built once per batch and shared by every layer) and the
+    layer (its ``AdapterWeights`` and scalars). Same result as :func:`proper_linear` given
+    the plan's user ids."""
+    if not isinstance(weights, AdapterWeights):
+        raise TypeError(f"weights must be a proper_kernels.AdapterWeights, got {type(weights).__name__}")
+    if not isinstance(plan, BatchPlan):
+        raise TypeError(f"plan must be a proper_kernels.BatchPlan (proper_kernels.build_plan), got {type(plan).__name__}")
+    lead = x.shape[:-1]
+    if plan.num_tokens != x.numel() // max(1, x.shape[-1]):
+        raise ValueError(f"plan was built for {plan.num_tokens} tokens but x has {tuple(lead)} tokens")
+    uid = plan.user_ids
+    # One id per sequence when the plan was built that way (the torch backend then gathers a
+    # user's rows once per sequence), else one per token.
+    user_ids = uid.reshape(plan.groups, -1)[:, 0] if plan.groups else uid.reshape(lead)
+    return proper_linear(
+        x, base_out, weights.lora_A, weights.lora_B, scaling, top_k=top_k, temperature=temperature,
+        router_x=weights.router_x, router_user=weights.router_user, router_h=weights.router_h, user_ids=user_ids,
+        user_A=weights.user_A, user_B=weights.user_B, user_scaling=user_scaling, dropout=dropout, training=training,
+        return_routing=return_routing, check_user_ids=False, backend=backend, inplace=inplace,
+        sparse_user_grad=sparse_user_grad, plan=plan,
+    )

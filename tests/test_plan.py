@@ -62,3 +62,26 @@ def test_built_on_meta_tensors_so_no_step_reads_a_value_back():
     plan = build_plan(torch.empty(64, dtype=torch.long, device="meta"), torch.Size([64]), torch.device("meta"), 100)
     assert plan.table.device.type == "meta" and plan.max_runs == 64
     assert max_runs(8192, 8, 1000) == 8 and max_runs(64, 0, 10) == 11
+
+
+@pytest.mark.parametrize("per_sequence", [False, True])
+def test_fused_linear_takes_the_plan_and_the_weights(per_sequence):
+    """The op by its contract (plan + weights) gives what proper_linear gives from user ids."""
+    import proper_kernels
+    from test_reference import make_case
+
+    case = make_case(4, 12, 10, 7, 4, 2, 3, 2, 5, ("token", "user", "lora"), per_sequence=per_sequence, seq_len=3)
+    names = ("lora_A", "lora_B", "router_x", "router_user", "router_h", "user_A", "user_B")
+    weights = proper_kernels.AdapterWeights(*(case[n] for n in names))
+    plan = proper_kernels.build_plan(case["user_ids"], case["x"].shape[:-1], case["x"].device, num_users=5)
+    y, r = proper_kernels.fused_linear(case["x"], case["base_out"], weights, plan, scaling=case["scaling"],
+                                       top_k=case["top_k"], temperature=case["temperature"],
+                                       user_scaling=case["user_scaling"], return_routing=True)
+    y0, r0 = proper_kernels.proper_linear(**case, return_routing=True)
+    torch.testing.assert_close(y, y0, rtol=0, atol=0)
+    assert torch.equal(r.indices, r0.indices)
+    with pytest.raises(TypeError, match="AdapterWeights"):
+        proper_kernels.fused_linear(case["x"], case["base_out"], dict(lora_A=1), plan, scaling=1.0, top_k=1)
+    with pytest.raises(ValueError, match="plan was built for"):
+        other = proper_kernels.build_plan(None, torch.Size([3]), case["x"].device)
+        proper_kernels.fused_linear(case["x"], case["base_out"], weights, other, scaling=1.0, top_k=1)
