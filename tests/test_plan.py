@@ -1,5 +1,7 @@
 """The per-batch plan: tokens grouped by user, built on the device without a host sync."""
 
+import os
+
 import pytest
 import torch
 
@@ -85,3 +87,34 @@ def test_fused_linear_takes_the_plan_and_the_weights(per_sequence):
     with pytest.raises(ValueError, match="plan was built for"):
         other = proper_kernels.build_plan(None, torch.Size([3]), case["x"].device)
         proper_kernels.fused_linear(case["x"], case["base_out"], weights, other, scaling=1.0, top_k=1)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="the Triton backend needs a GPU or TRITON_INTERPRET=1")
+def test_one_plan_per_forward_shared_by_every_layer_and_the_backward(monkeypatch):
+    """proper.user_context's batch: the first layer builds the plan, the others (and the
+    backward) reuse it; a new batch builds a new one."""
+    import proper
+    from conftest import tiny_llama
+    from proper_kernels import plan as plan_mod
+
+    calls = []
+    real = plan_mod.build_plan
+    counting = lambda *a, **k: calls.append(1) or real(*a, **k)  # noqa: E731
+    monkeypatch.setattr(plan_mod, "build_plan", counting)
+    from proper_kernels import triton_linear
+
+    monkeypatch.setattr(triton_linear, "build_plan", counting)  # where a layer without a plan would build one
+    device = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+    model = tiny_llama().to(device)
+    cfg = proper.ProperConfig(num_experts=2, top_k=1, rank=2, user_rank=2, num_users=6,
+                              router=("token", "user", "lora"), backend="triton")
+    proper.patch_model(model, cfg)
+    assert len(proper.proper_layers(model)) == 6
+    ids = torch.randint(0, 64, (3, 5), device=device)
+    for users in ([0, 5, -1], [2, 2, 1]):
+        with proper.user_context(model, users):
+            model(input_ids=ids, labels=ids).loss.backward()
+    assert len(calls) == 2  # one per batch, for 6 layers, forward and backward
+    layer = next(iter(proper.proper_layers(model).values()))
+    assert layer.last_backend == "triton"
