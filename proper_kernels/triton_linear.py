@@ -85,6 +85,15 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
+def _runs(run_ptr, start, pos, pmask, T, BLOCK: tl.constexpr):
+    """The run of each sorted position of a block, and the block's first and last run."""
+    prun = tl.load(run_ptr + pos, mask=pmask, other=-1)
+    r_first = tl.load(run_ptr + start)
+    r_last = tl.load(run_ptr + tl.minimum(start + BLOCK, T) - 1)
+    return prun, r_first, r_last
+
+
+@triton.jit
 def _block_tokens(order_ptr, run_ptr, T, BLOCK_T: tl.constexpr):
     """This program's block of sorted positions: (positions, mask, token ids, run of each
     position, first and last run in the block)."""
@@ -92,10 +101,19 @@ def _block_tokens(order_ptr, run_ptr, T, BLOCK_T: tl.constexpr):
     pos = start + tl.arange(0, BLOCK_T)
     pmask = pos < T
     tok = tl.load(order_ptr + pos, mask=pmask, other=0)
-    prun = tl.load(run_ptr + pos, mask=pmask, other=-1)
-    r_first = tl.load(run_ptr + start)
-    r_last = tl.load(run_ptr + tl.minimum(start + BLOCK_T, T) - 1)
+    prun, r_first, r_last = _runs(run_ptr, start, pos, pmask, T, BLOCK_T)
     return pos, pmask, tok, prun, r_first, r_last
+
+
+@triton.jit
+def _bank_row(run_user_ptr, rr, COMPACT: tl.constexpr):
+    """(user of run rr, the gradient row it writes: the user's, or rr itself when COMPACT)."""
+    u = tl.load(run_user_ptr + rr)
+    if COMPACT:
+        row = u * 0 + rr  # int64, also where the interpreter's rr is a Python int
+    else:
+        row = u
+    return u, row
 
 
 @triton.jit
@@ -470,20 +488,14 @@ def _wgrad_in(
                          other=0.0)
             acc_l = tl.dot(tl.trans(dl.to(DT)), xt, acc_l, input_precision=PREC)
         if DO_U:
-            prun = tl.load(run_ptr + pos, mask=pm, other=-1)
+            prun, r_first, r_last = _runs(run_ptr, p0, pos, pm, T, BLOCK_P)
             dhu = tl.load(dhu_ptr + tok[:, None] * RU + j[None, :], mask=pm[:, None] & (j < RU)[None, :], other=0.0)
-            r_first = tl.load(run_ptr + p0)
-            r_last = tl.load(run_ptr + tl.minimum(p0 + BLOCK_P, T) - 1)
             for rr in range(r_first, r_last + 1):
                 dm = tl.where((prun == rr)[:, None], dhu, 0.0)
                 acc_u = tl.dot(tl.trans(dm.to(DT)), xt, acc_u, input_precision=PREC)
                 if tl.load(run_end_ptr + rr) <= p0 + BLOCK_P:  # the run ends here: its row is whole
-                    u = tl.load(run_user_ptr + rr)
+                    u, row = _bank_row(run_user_ptr, rr, COMPACT)
                     if u >= 0:
-                        if COMPACT:
-                            row = u * 0 + rr  # int64, also where the interpreter's rr is a Python int
-                        else:
-                            row = u
                         tl.store(gua_ptr + row * (RU * IN) + j[:, None] * IN + k[None, :],
                                  acc_u.to(gua_ptr.dtype.element_ty), mask=(j < RU)[:, None] & kmask[None, :])
                     acc_u = tl.zeros((RUP, BLOCK_K), dtype=tl.float32)
@@ -521,20 +533,14 @@ def _wgrad_out(
             hg = tl.load(hg_ptr + tok[:, None] * (E * R) + c[None, :], mask=pm[:, None] & (c < E * R)[None, :], other=0.0)
             acc_b = tl.dot(dyt, hg.to(DT), acc_b, input_precision=PREC)
         if DO_U:
-            prun = tl.load(run_ptr + pos, mask=pm, other=-1)
+            prun, r_first, r_last = _runs(run_ptr, p0, pos, pm, T, BLOCK_P)
             hu = tl.load(hu_ptr + tok[:, None] * RU + j[None, :], mask=pm[:, None] & (j < RU)[None, :], other=0.0)
-            r_first = tl.load(run_ptr + p0)
-            r_last = tl.load(run_ptr + tl.minimum(p0 + BLOCK_P, T) - 1)
             for rr in range(r_first, r_last + 1):
                 hm = tl.where((prun == rr)[:, None], hu, 0.0)
                 acc_u = tl.dot(dyt, hm.to(DT), acc_u, input_precision=PREC)
                 if tl.load(run_end_ptr + rr) <= p0 + BLOCK_P:  # the run ends here: its row is whole
-                    u = tl.load(run_user_ptr + rr)
+                    u, row = _bank_row(run_user_ptr, rr, COMPACT)
                     if u >= 0:
-                        if COMPACT:
-                            row = u * 0 + rr  # int64, also where the interpreter's rr is a Python int
-                        else:
-                            row = u
                         tl.store(gub_ptr + row * (OUT * RU) + o[:, None] * RU + j[None, :],
                                  (acc_u * user_scaling).to(gub_ptr.dtype.element_ty),
                                  mask=omask[:, None] & (j < RU)[None, :])
