@@ -143,6 +143,7 @@ def record_external(name: str, bytes: int, flops: int) -> None:
 DECODE_TOKENS = 256  # up to this many tokens a call is "decode"
 FP32_COLUMN_CHUNK = 32  # expert columns per dot for fp32 inputs
 WIDE_COLUMN_CHUNK = 256  # expert columns per dot for 16-bit inputs (all of a dense strategy's)
+SHRINK_COLUMN_CHUNK = 128  # expert columns per program of the grouped strategy's dense shrink
 
 CONFIGS: dict[tuple, tuple] = {}
 
@@ -180,6 +181,8 @@ def _fill() -> None:
             CONFIGS[("reduce", tgt, "any", width)] = (max(16, min(64, 2048 // width)), 0, 4, 1)
         # Grouped strategy: blocks of (token, slot) pairs of one expert.
         CONFIGS[("grouped", tgt, "any", 0)] = (64, 64, 4, stages)
+        CONFIGS[("shrink_wide", tgt, "any", 0)] = (64, 64, 4, stages)
+        CONFIGS[("shrink_wide", tgt, "any", 0, "fp32")] = (32, 32, 4, 2)
         # Weight gradients streamed over the tokens: (BLOCK_P tokens a step, BLOCK_K or
         # BLOCK_M features a program, warps, stages); one program per feature tile.
         for width in (16, 32, 64, 128, 256):
@@ -200,6 +203,7 @@ def _fill() -> None:
             for size in ("prefill", "decode"):
                 CONFIGS[(kind, "interp", size, width)] = (64, 64, 1, 1)
     CONFIGS[("grouped", "interp", "any", 0)] = (64, 64, 1, 1)
+    CONFIGS[("shrink_wide", "interp", "any", 0)] = (64, 64, 1, 1)
     for ep in (16, 32, 64, 128, 256, 512, 1024):
         for kind in ("route", "route_bwd", "route_dx"):
             CONFIGS[(kind, "interp", "any", ep)] = (64, 64, 1, 1)

@@ -12,6 +12,11 @@ Kernels (routing, the user LoRA and the router backward come from triton_linear)
   _bwd_dx        dx32[tok] += dh A_e                 (atomic adds over the k slots)
   _segment_gemm  per expert: sum over its pairs of L^T R (weight gradients of A and B)
 
+Up to ``WIDE_SHRINK_PER_SLOT * k`` expert columns the shrink itself is dense
+(triton_linear._shrink_wide: every expert's h for a tile of tokens, E/k times the FLOPs but
+x read once instead of gathered k times, which is cheaper on an H100 while E*r is below
+about 300 k); the pair-wise kernels then read h and g*h from that [T, E*r] layout.
+
 Up to ``WIDE_MAX_COLUMNS`` expert columns (E*r) the shrink and the d(g*h) kernel also write
 g*h and dh into a dense [T, E*r] layout (zero where a token did not pick the expert), and
 triton_linear's dense expand and dx take it from there: no atomics and no fp32 staging of
@@ -30,6 +35,8 @@ from torch import Tensor
 
 # Widest E*r for which the expand and dx read a dense [T, E*r] layout instead of atomics.
 WIDE_MAX_COLUMNS = 2048
+# The shrink is dense too while E*r <= this times k (FLOPs vs the bytes of k gathers of x).
+WIDE_SHRINK_PER_SLOT = 256
 
 
 @dataclass
@@ -142,10 +149,11 @@ def _bwd_dh(
     dy_ptr, b_ptr, h_ptr, gate_ptr, order_ptr, seg_ptr, block_expert_ptr, block_start_ptr, dh_ptr, dslot_ptr, wide_ptr,
     scaling,
     OUT: tl.constexpr, E: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, TOP_K: tl.constexpr, CW: tl.constexpr,
-    WIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    WIDE: tl.constexpr, H_WIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """WIDE: dh also goes to the token's row of wide [T, CW] (expert e's columns), for a
-    dense dx without atomics."""
+    dense dx without atomics. H_WIDE: h is the wide shrink's dense [T, E*r]."""
     e, ec, rows, rmask, pair, tok = _block(block_expert_ptr, block_start_ptr, seg_ptr, order_ptr, E, TOP_K, BLOCK_P)
     if e < E:
         j = tl.arange(0, RP)
@@ -158,7 +166,10 @@ def _bwd_dh(
             dhg = tl.dot(dy.to(DT), b.to(DT), dhg, input_precision=PREC)
         dhg = dhg * scaling
         m = rmask[:, None] & (j < R)[None, :]
-        h = tl.load(h_ptr + rows[:, None] * R + j[None, :], mask=m, other=0.0)
+        if H_WIDE:
+            h = tl.load(h_ptr + tok[:, None].to(tl.int64) * (E * R) + ec * R + j[None, :], mask=m, other=0.0)
+        else:
+            h = tl.load(h_ptr + rows[:, None] * R + j[None, :], mask=m, other=0.0)
         gate = tl.load(gate_ptr + pair, mask=rmask, other=0.0)
         tl.store(dslot_ptr + pair, tl.sum(dhg * h, axis=1), mask=rmask)
         tl.store(dh_ptr + rows[:, None] * R + j[None, :], dhg * gate[:, None], mask=m)
@@ -187,13 +198,15 @@ def _bwd_dx(
 @triton.jit
 def _segment_gemm(
     l_ptr, r_ptr, order_ptr, seg_ptr, out_ptr, scale,
-    M: tl.constexpr, N: tl.constexpr, L_BY_TOKEN: tl.constexpr, R_BY_TOKEN: tl.constexpr, TOP_K: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    M: tl.constexpr, N: tl.constexpr, L_BY_TOKEN: tl.constexpr, R_BY_TOKEN: tl.constexpr, R_WIDE: tl.constexpr,
+    TOP_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """out[e] = scale * sum over the pairs of expert e of L[row]^T R[row]: [E, M, N].
 
     A row of L or R is the pair's token (x, dy: [T, *]) when *_BY_TOKEN, else its sorted
-    position (h, dh: [P, *])."""
+    position (h, dh: [P, *]). R_WIDE: R is the dense [T, E*N] layout (g*h of the wide
+    shrink), read at the pair's token, expert e's N columns."""
     e = tl.program_id(0)
     m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -215,6 +228,10 @@ def _segment_gemm(
         else:
             rrow = rows
         left = tl.load(l_ptr + lrow[:, None] * M + m[None, :], mask=rmask[:, None] & mmask[None, :], other=0.0)
-        right = tl.load(r_ptr + rrow[:, None] * N + n[None, :], mask=rmask[:, None] & nmask[None, :], other=0.0)
+        if R_WIDE:
+            rptr = r_ptr + tok[:, None] * (tl.num_programs(0) * N) + e * N + n[None, :]
+        else:
+            rptr = r_ptr + rrow[:, None] * N + n[None, :]
+        right = tl.load(rptr, mask=rmask[:, None] & nmask[None, :], other=0.0)
         acc = tl.dot(tl.trans(left.to(DT)), right.to(DT), acc, input_precision=PREC)
     tl.store(out_ptr + e.to(tl.int64) * (M * N) + m[:, None] * N + n[None, :], (acc * scale).to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])

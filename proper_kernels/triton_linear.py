@@ -248,6 +248,37 @@ def _shrink(
 
 
 @triton.jit
+def _shrink_wide(
+    xl_ptr, a_ptr, gate_ptr, idx_ptr, h_ptr, hg_ptr, T,
+    IN: tl.constexpr, E: tl.constexpr, R: tl.constexpr, TOP_K: tl.constexpr, KP: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """Grouped strategy, dense shrink: every expert's h for a tile of tokens and a chunk of
+    the E*r expert columns (x read once per chunk, no gather), gated by the routing: h and
+    g*h [T, E*r] (zero where the token did not pick the expert)."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = t < T
+    tok = t.to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < E * R
+    kcol = tl.arange(0, KP)
+    h = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    for k0 in range(0, IN, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < IN
+        x = tl.load(xl_ptr + tok[:, None] * IN + k[None, :], mask=tmask[:, None] & kmask[None, :], other=0.0)
+        a = tl.load(a_ptr + c[None, :] * IN + k[:, None], mask=cmask[None, :] & kmask[:, None], other=0.0)
+        h = tl.dot(x.to(DT), a.to(DT), h, input_precision=PREC)
+    tk = tmask[:, None] & (kcol < TOP_K)[None, :]
+    idx = tl.load(idx_ptr + tok[:, None] * TOP_K + kcol[None, :], mask=tk, other=-1).to(tl.int32)
+    gates = tl.load(gate_ptr + tok[:, None] * TOP_K + kcol[None, :], mask=tk, other=0.0)
+    gc = _gate_columns(idx, gates, kcol, c, BLOCK_T, BLOCK_C, R, E * R, TOP_K)
+    tc = tmask[:, None] & cmask[None, :]
+    tl.store(h_ptr + tok[:, None] * (E * R) + c[None, :], h, mask=tc)
+    tl.store(hg_ptr + tok[:, None] * (E * R) + c[None, :], (h * gc).to(hg_ptr.dtype.element_ty), mask=tc)
+
+
+@triton.jit
 def _route(
     ph_ptr, plogit_ptr, phu_ptr, uid_ptr, r_ptr, wh_ptr,
     h_ptr, hg_ptr, hu_ptr, logit_ptr, gate_ptr, idx_ptr,
@@ -583,6 +614,8 @@ class _Call:
         self.KP = _pow2(top_k, floor=2)
         # Grouped up to WIDE_MAX_COLUMNS: the expand and dx read g*h and dh in a dense layout.
         self.wide = not self.dense and self.ER <= triton_grouped.WIDE_MAX_COLUMNS
+        # ... and while the dense FLOPs cost less than k gathers of x, the shrink too.
+        self.wide_shrink = self.wide and self.ER <= triton_grouped.WIDE_SHRINK_PER_SLOT * top_k
         self.ERX = _pow2(self.ER) if (self.dense or self.wide) else 16  # columns the expand and dx see
         self.CW = (self.ER if (self.dense or self.wide) else 0) + self.E  # width of the backward's dcat
         self.LOFF = self.CW - self.E  # where d logits start in dcat
@@ -611,12 +644,14 @@ class _Call:
         self.expand = cfg("expand", size, xwidth)
         self.bwd_dx = cfg("bwd_dx", size, xwidth) if (self.dense or self.wide) else cfg("route_dx", "any", self.EP)
         self.grouped = cfg("grouped")
+        self.shrink_wide = cfg("shrink_wide")
         self.wgrad_in = cfg("wgrad_in", "any", width)
         self.wgrad_out = cfg("wgrad_out", "any", width)
         self.BLOCK_P = self.grouped[0]
         # The expert columns one dot takes: all of them for 16-bit inputs (one tensor-core
         # dot), a chunk for fp32, whose CUDA-core dots hold both operands in registers.
         self.BLOCK_C = min(self.ERX, _launch.FP32_COLUMN_CHUNK if fp32 else _launch.WIDE_COLUMN_CHUNK)
+        self.BLOCK_CW = min(self.ERX, _launch.FP32_COLUMN_CHUNK if fp32 else _launch.SHRINK_COLUMN_CHUNK)
         self.split = 1
         if size == "decode":  # split the features so that the shrink covers every SM
             blocks = triton.cdiv(self.T, self.shrink[0])
@@ -635,8 +670,9 @@ class _Call:
 
 
 def _side_widths(s: _Call) -> tuple[int, int]:
-    """Rows and width of the saved h and g*h: [T, E*r] dense, [T*k, r] grouped (sorted pairs)."""
-    return (s.T, s.ER) if s.dense else (s.num_pairs(), s.R)
+    """Rows and width of the saved h and g*h: [T, E*r] dense (and grouped with the dense
+    shrink), [T*k, r] grouped (sorted pairs)."""
+    return (s.T, s.ER) if (s.dense or s.wide_shrink) else (s.num_pairs(), s.R)
 
 
 def _meta_len(s: _Call) -> int:
@@ -690,7 +726,8 @@ def forward(s: _Call, x2, xl2, base2, table, lora_A, lora_B, scaling, temperatur
     bt, bk, warps, stages = s.shrink
     same_x = xl2 is x2
     read = _nbytes(xl2, None if same_x else x2, *weights) + bank + (_nbytes(router_h) if s.split == 1 else 0)
-    written = (_nbytes(h, hg, hu, logits, gates, idx) if s.split == 1
+    routed = _nbytes(*((h, hg) if s.dense else ()), hu if has_u else None, logits, gates, idx)  # what routing writes
+    written = (routed if s.split == 1
                else 4 * s.split * T * ((s.ER if s.dense else 0) + (s.E if has_wx else 0) + s.RU))
     flops = 2 * T * s.IN * ((s.ER if s.dense else 0) + (s.E if has_wx else 0) + s.RU)
     _launch.launch(
@@ -711,7 +748,7 @@ def forward(s: _Call, x2, xl2, base2, table, lora_A, lora_B, scaling, temperatur
              h, hg, hu, logits, gates, idx, T, default_row, 1.0 / temperature),
             dict(E=s.E, R=s.R, RU=s.RU, TOP_K=s.TOP_K, EP=s.EP, ERP=s.ERP, RUP=s.RUP, KP=s.KP, HAS_WX=has_wx,
                  BLOCK_T=bt, DT=s.DT, PREC=s.PREC, **routing),
-            warps, stages, bytes=written + _nbytes(h, hg, hu, logits, gates, idx, router_h),
+            warps, stages, bytes=written + routed + _nbytes(router_h),
             note="route (sum split-K partials)",
         )
     extra = dummy
@@ -723,12 +760,22 @@ def forward(s: _Call, x2, xl2, base2, table, lora_A, lora_B, scaling, temperatur
         args = (sched.order, sched.seg, sched.block_expert, sched.block_start)
         _, bk, warps, stages = s.grouped
         P = s.num_pairs()
-        # zeros: the columns of the experts a token did not pick
-        wide = torch.zeros(T, s.ER, device=dev, dtype=x2.dtype) if s.wide else dummy
-        _launch.launch(triton_grouped._shrink, (nb,), (xl2, lora_A, gates, *args, h, hg, wide),
-                       dict(IN=s.IN, BLOCK_K=bk, WIDE=s.wide, **s.grouped_consts()), warps, stages,
-                       bytes=s.TOP_K * _nbytes(xl2) + _nbytes(lora_A, h, hg) + (_nbytes(wide) if s.wide else 0),
-                       flops=2 * P * s.IN * s.R, note="grouped shrink")
+        if s.wide_shrink:
+            wide = hg
+            bt, bkw, warps_w, stages_w = s.shrink_wide
+            _launch.launch(_shrink_wide, (triton.cdiv(T, bt), triton.cdiv(s.ER, s.BLOCK_CW)),
+                           (xl2, lora_A, gates, idx, h, hg, T),
+                           dict(IN=s.IN, E=s.E, R=s.R, TOP_K=s.TOP_K, KP=s.KP, BLOCK_T=bt, BLOCK_K=bkw,
+                                BLOCK_C=s.BLOCK_CW, DT=s.DT, PREC=s.PREC), warps_w, stages_w,
+                           bytes=_nbytes(xl2, lora_A, h, hg, gates, idx), flops=2 * T * s.IN * s.ER,
+                           note="grouped shrink, dense (every expert)")
+        else:
+            # zeros: the columns of the experts a token did not pick
+            wide = torch.zeros(T, s.ER, device=dev, dtype=x2.dtype) if s.wide else dummy
+            _launch.launch(triton_grouped._shrink, (nb,), (xl2, lora_A, gates, *args, h, hg, wide),
+                           dict(IN=s.IN, BLOCK_K=bk, WIDE=s.wide, **s.grouped_consts()), warps, stages,
+                           bytes=s.TOP_K * _nbytes(xl2) + _nbytes(lora_A, h, hg) + (_nbytes(wide) if s.wide else 0),
+                           flops=2 * P * s.IN * s.R, note="grouped shrink")
         if not s.wide:
             extra = torch.zeros(T, s.OUT, **f32)  # accumulated by atomic adds: must start at 0
             _launch.launch(triton_grouped._expand, (nb, triton.cdiv(s.OUT, bk)), (hg, lora_B, *args, extra, scaling),
@@ -752,14 +799,15 @@ def forward(s: _Call, x2, xl2, base2, table, lora_A, lora_B, scaling, temperatur
     return y, (h, hg, hu, logits, gates, idx, meta)
 
 
-def _segment_gemm(s: _Call, sched, left, right, M, N, left_by_token, right_by_token, scale, dtype):
+def _segment_gemm(s: _Call, sched, left, right, M, N, left_by_token, right_by_token, scale, dtype, right_wide=False):
     out = _empty(s.E, M, N, device=left.device, dtype=dtype)
     bm, bn = min(_pow2(M), 64), min(_pow2(N), 64)
     _, _, warps, stages = s.grouped
     _launch.launch(
         triton_grouped._segment_gemm, (s.E, triton.cdiv(M, bm), triton.cdiv(N, bn)),
         (left, right, sched.order, sched.seg, out, scale),
-        dict(M=M, N=N, L_BY_TOKEN=left_by_token, R_BY_TOKEN=right_by_token, TOP_K=s.TOP_K, BLOCK_P=s.BLOCK_P,
+        dict(M=M, N=N, L_BY_TOKEN=left_by_token, R_BY_TOKEN=right_by_token, R_WIDE=right_wide, TOP_K=s.TOP_K,
+             BLOCK_P=s.BLOCK_P,
              BLOCK_M=bm, BLOCK_N=bn, DT=s.DT, PREC=s.PREC),
         warps, stages, bytes=_nbytes(out, left, right), flops=2 * s.num_pairs() * M * N, note="grouped weight gradient",
     )
@@ -795,7 +843,7 @@ def backward(s: _Call, dy2, dgates, dlext, saved, x2, xl2, table, max_runs, lora
         _, bk, warps, stages = s.grouped
         _launch.launch(triton_grouped._bwd_dh, (nb,), (dy2, lora_B, h, gates, *args, dh, dslot,
                                                       dcat if s.wide else dummy, scaling),
-                       dict(OUT=s.OUT, BLOCK_N=bk, CW=s.CW, WIDE=s.wide, **s.grouped_consts()), warps, stages,
+                       dict(OUT=s.OUT, BLOCK_N=bk, CW=s.CW, WIDE=s.wide, H_WIDE=s.wide_shrink, **s.grouped_consts()), warps, stages,
                        bytes=s.TOP_K * _nbytes(dy2) + _nbytes(lora_B, h, dh, dslot), flops=2 * s.num_pairs() * s.OUT * s.R,
                        note="grouped d(g h)")
         if not s.wide:
@@ -893,7 +941,8 @@ def backward(s: _Call, dy2, dgates, dlext, saved, x2, xl2, table, max_runs, lora
         if needs["lora_A"]:
             grads["lora_A"] = _segment_gemm(s, sched, dh, xl2, s.R, s.IN, False, True, 1.0, lora_A.dtype)
         if needs["lora_B"]:
-            grads["lora_B"] = _segment_gemm(s, sched, dy2, hg, s.OUT, s.R, True, False, scaling, lora_B.dtype)
+            grads["lora_B"] = _segment_gemm(s, sched, dy2, hg, s.OUT, s.R, True, False, scaling, lora_B.dtype,
+                                            right_wide=s.wide_shrink)
     if router_user is not None and needs["router_user"]:
         rows = torch.where(uid >= 0, uid, router_user.shape[0] - 1)
         if compact:

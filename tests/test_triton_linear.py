@@ -81,14 +81,17 @@ def test_per_sequence_user_ids(strategy):
     check(case, torch.float32, strategy)
 
 
-@pytest.mark.parametrize("wide", [True, False], ids=["dense-layout-expand", "atomic-expand"])
+@pytest.mark.parametrize("mode", ["dense-shrink", "gathered-shrink", "atomic-expand"])
 @pytest.mark.parametrize("E,k,r", [(64, 8, 16), (33, 3, 4)])
-def test_grouped_strategy_with_many_experts(E, k, r, wide, monkeypatch):
-    """The shapes the grouped strategy exists for: E*r past the dense tile; the expand and dx
-    from a dense [T, E*r] layout (up to WIDE_MAX_COLUMNS) and with atomics (past it)."""
+def test_grouped_strategy_with_many_experts(E, k, r, mode, monkeypatch):
+    """The shapes the grouped strategy exists for: E*r past the dense tile. Its three
+    layouts: a dense shrink (every expert's h), a shrink gathered per (token, slot) pair with
+    the expand and dx from a dense [T, E*r] layout, and atomic expand and dx."""
     from proper_kernels import triton_grouped
 
+    wide = mode != "atomic-expand"
     monkeypatch.setattr(triton_grouped, "WIDE_MAX_COLUMNS", 4096 if wide else 0)
+    monkeypatch.setattr(triton_grouped, "WIDE_SHRINK_PER_SLOT", 1024 if mode == "dense-shrink" else 0)
     case = make_case(E + k, 40, 20, 18, E, k, r, 8, 6, ("token", "user", "lora"))
     check(case, torch.float32, "grouped")
     if wide:
