@@ -193,7 +193,14 @@ def markdown(reports: list[dict]) -> str:
                 lines.append(f"| {name} | {r['kernel']}: {r['note']} | {r['grid']}{ctas} | {_mb(r['bytes'])} | "
                              f"{r['flops'] / 1e9:.2f} | {_us(r['time_s'])} |")
         lin = rep["linear_s"]
+        gpu = GPUS[rep["target"]]
+        bound = [r for r in rep["forward"] if r["bytes"] / gpu["bandwidth"] >= r["flops"] / gpu["tensor_flops"]]
+        big = [r for r in rep["forward"] if r["ctas"] and r["bytes"] >= 0.2 * rep["forward_bytes"]]
+        fewest = min((r["ctas"] for r in big), default=0)
         lines += ["",
+                  f"- {len(bound)} of {len(rep['forward'])} forward launches are memory-bound at the roofline; the "
+                  f"launches that move most of the bytes run at least {fewest} CTAs on {rep['sms']} SMs "
+                  "(the bandwidth goal needs every SM busy).",
                   f"- forward moves {_mb(rep['forward_bytes'])} MB, {rep['forward_vs_floor']:.3f}x its floor of "
                   f"{_mb(rep['floor']['forward'])} MB (x once, base_out and y once, the adapters once); backward "
                   f"{_mb(rep['backward_bytes'])} MB, {rep['backward_vs_floor']:.3f}x its floor of "
