@@ -158,12 +158,15 @@ def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
 
 def _check_world(ckpt_root: Path, world_size: int) -> None:
     """Refuse to start afresh beside checkpoints of another number of processes (they would
-    be ignored): resume with that number, or reshard (proper.distributed)."""
-    mine = f"rank-0-of-{world_size}" if world_size > 1 else None
+    be ignored): resume with that number, or reshard (proper.distributed).
+
+    Checkpoints of this number of processes, any rank's, count as this run's: a rank must
+    not wait for another rank's write (rank 0 may still be saving when rank 1 resumes)."""
     written = sorted(d.name for d in ckpt_root.glob("rank-*-of-*") if latest_checkpoint(d) is not None)
     if world_size > 1 and latest_checkpoint(ckpt_root) is not None:
         written.append("one process")
-    if written and mine not in written:
+    ours = world_size > 1 and any(n.endswith(f"-of-{world_size}") for n in written)
+    if written and not ours:
         raise RuntimeError(
             f"{ckpt_root} holds checkpoints of another number of processes ({', '.join(written)}), not of "
             f"{world_size}: resume with that number of processes, or start in a new directory"
