@@ -15,7 +15,7 @@ Variants, timed in the same run:
                 experts (nonzero -> gather -> B(A(x)) * gate * s -> index_add) and PEFT's
                 mixed-batch ``adapter_names`` loop over the users present.
 
-Cases (SPEC.md "One layer"; routers token + user + lora, E=8, k=2, r=r_u=16, 1000 users):
+Cases (the layer of proper_kernels/reference.py; routers token + user + lora, E=8, k=2, r=r_u=16, 1000 users):
   prefill       8 sequences x 1024 tokens of 8 users, in = out = 4096   (T = 8192)
   decode        64 sequences x 1 token of 64 distinct users, same layer (T = 64)
 ``--quick`` (implied by ``--device cpu``) shrinks both to in = out = 256, 100 users, T = 256 / 16.

@@ -13,7 +13,7 @@ BACKENDS = ("auto", "triton", "cuda", "torch")
 
 @dataclass
 class ProperConfig:
-    """Hyper-parameters of ProperLinear (SPEC.md "The public surface").
+    """Hyper-parameters of ProperLinear.
 
     num_experts/top_k/rank/alpha: the group LoRA experts (s_g = alpha / rank).
     user_rank/user_alpha/num_users: the per-user LoRA bank (s_u = user_alpha / user_rank);

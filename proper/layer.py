@@ -115,7 +115,7 @@ class _RouterRows(torch.autograd.Function):
 
 
 class ProperLinear(nn.Module):
-    """y = base(x) + s_g * sum_e g_e B_e A_e x + s_u * B^u A^u x (SPEC.md "One layer").
+    """y = base(x) + s_g * sum_e g_e B_e A_e x + s_u * B^u A^u x (the math: proper_kernels/reference.py).
 
     ``base`` stays frozen and is called as it is, so a fresh layer (every B zero) gives
     exactly the base layer's output. User ids come from ``proper.user_context``; a layer

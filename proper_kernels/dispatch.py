@@ -192,7 +192,7 @@ def proper_linear(
     sparse_user_grad: bool = False,
     plan=None,
 ) -> Union[Tensor, tuple[Tensor, Routing]]:
-    """The fused ProperLinear pass added onto the base product (SPEC.md "One layer").
+    """The fused ProperLinear pass added onto the base product (the math: proper_kernels/reference.py).
 
     x [..., in] and base_out [..., out] (the frozen layer's output for x). user_ids: None
     (every token is a user without a row), one id per token (x.shape[:-1]) or one per

@@ -1,11 +1,11 @@
-"""The whole ProperLinear math of SPEC.md in plain PyTorch: the oracle and the CPU fallback.
+"""The whole ProperLinear math in plain PyTorch: the oracle and the CPU fallback.
 
 Every other backend is tested against these functions. They work in any floating dtype
 (float64 included) and autograd gives their backward. They do not validate their inputs:
 ``proper_kernels.proper_linear`` / ``proper_kernels.router_topk`` check arguments once and
 then call a backend such as this one.
 
-Notation (SPEC.md "One layer"): x [T, in] tokens, E experts of rank r (lora_A [E, r, in],
+Notation: x [T, in] tokens, E experts of rank r (lora_A [E, r, in],
 lora_B [E, out, r]), a bank of N users of rank r_u (user_A [N, r_u, in],
 user_B [N, out, r_u]), routers router_x [E, in], router_user [N + 1, E] (last row: users
 without a row, id -1) and router_h [E, r_u].

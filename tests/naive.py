@@ -1,7 +1,7 @@
 """An independent, deliberately naive ProperLinear: one token, one expert at a time.
 
-Written straight from SPEC.md "One layer" with Python loops, sharing no code with
-proper_kernels.reference, so that the reference (the oracle of every kernel) is itself
+Written straight from the layer's formula (in proper_kernels.reference's docstrings) with
+Python loops, sharing no code with proper_kernels.reference, so that the reference (the oracle of every kernel) is itself
 checked against something.
 """
 
