@@ -183,6 +183,8 @@ def _fill() -> None:
         CONFIGS[("grouped", tgt, "any", 0)] = (64, 64, 4, stages)
         CONFIGS[("shrink_wide", tgt, "any", 0)] = (64, 64, 4, stages)
         CONFIGS[("shrink_wide", tgt, "any", 0, "fp32")] = (32, 32, 4, 2)
+        CONFIGS[("bwd_dh_wide", tgt, "any", 0)] = (64, 64, 4, stages)
+        CONFIGS[("bwd_dh_wide", tgt, "any", 0, "fp32")] = (32, 32, 4, 2)
         # Weight gradients streamed over the tokens: (BLOCK_P tokens a step, BLOCK_K or
         # BLOCK_M features a program, warps, stages); one program per feature tile.
         for width in (16, 32, 64, 128, 256):
@@ -204,6 +206,7 @@ def _fill() -> None:
                 CONFIGS[(kind, "interp", size, width)] = (64, 64, 1, 1)
     CONFIGS[("grouped", "interp", "any", 0)] = (64, 64, 1, 1)
     CONFIGS[("shrink_wide", "interp", "any", 0)] = (64, 64, 1, 1)
+    CONFIGS[("bwd_dh_wide", "interp", "any", 0)] = (64, 64, 1, 1)
     for ep in (16, 32, 64, 128, 256, 512, 1024):
         for kind in ("route", "route_bwd", "route_dx"):
             CONFIGS[(kind, "interp", "any", ep)] = (64, 64, 1, 1)

@@ -198,15 +198,17 @@ def _bwd_dx(
 @triton.jit
 def _segment_gemm(
     l_ptr, r_ptr, order_ptr, seg_ptr, out_ptr, scale,
-    M: tl.constexpr, N: tl.constexpr, L_BY_TOKEN: tl.constexpr, R_BY_TOKEN: tl.constexpr, R_WIDE: tl.constexpr,
+    M: tl.constexpr, N: tl.constexpr, L_BY_TOKEN: tl.constexpr, R_BY_TOKEN: tl.constexpr, L_WIDE: tl.constexpr,
+    R_WIDE: tl.constexpr, L_STRIDE: tl.constexpr, R_STRIDE: tl.constexpr,
     TOP_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
     PREC: tl.constexpr,
 ):
     """out[e] = scale * sum over the pairs of expert e of L[row]^T R[row]: [E, M, N].
 
     A row of L or R is the pair's token (x, dy: [T, *]) when *_BY_TOKEN, else its sorted
-    position (h, dh: [P, *]). R_WIDE: R is the dense [T, E*N] layout (g*h of the wide
-    shrink), read at the pair's token, expert e's N columns."""
+    position (h, dh: [P, *]). *_WIDE: the operand is a dense layout with one row per token
+    (row stride *_STRIDE; g*h of the dense shrink, dh of the dense d(g*h)), read at the
+    pair's token, expert e's columns."""
     e = tl.program_id(0)
     m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -227,9 +229,13 @@ def _segment_gemm(
             rrow = tok
         else:
             rrow = rows
-        left = tl.load(l_ptr + lrow[:, None] * M + m[None, :], mask=rmask[:, None] & mmask[None, :], other=0.0)
+        if L_WIDE:
+            lptr = l_ptr + tok[:, None] * L_STRIDE + e * M + m[None, :]
+        else:
+            lptr = l_ptr + lrow[:, None] * M + m[None, :]
+        left = tl.load(lptr, mask=rmask[:, None] & mmask[None, :], other=0.0)
         if R_WIDE:
-            rptr = r_ptr + tok[:, None] * (tl.num_programs(0) * N) + e * N + n[None, :]
+            rptr = r_ptr + tok[:, None] * R_STRIDE + e * N + n[None, :]
         else:
             rptr = r_ptr + rrow[:, None] * N + n[None, :]
         right = tl.load(rptr, mask=rmask[:, None] & nmask[None, :], other=0.0)

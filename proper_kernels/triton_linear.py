@@ -440,6 +440,47 @@ def _bwd_dh(
 
 
 @triton.jit
+def _bwd_dh_wide(
+    dy_ptr, b_ptr, h_ptr, gate_ptr, idx_ptr, dslot_ptr, dcat_ptr, T, scaling,
+    OUT: tl.constexpr, E: tl.constexpr, R: tl.constexpr, TOP_K: tl.constexpr, KP: tl.constexpr, CW: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """Grouped strategy, dense d(g*h) = s_g dy B_all for a tile of tokens and a chunk of whole
+    experts' columns (dy read once per chunk, no gather): d gate of each (token, slot) whose
+    expert lies in the chunk into dslot [T, k], and dh = g d(g*h) into dcat's first E*r
+    columns (zero where the token did not pick the expert)."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = t < T
+    tok = t.to(tl.int64)
+    c0 = tl.program_id(1) * BLOCK_C
+    c = c0 + tl.arange(0, BLOCK_C)
+    cmask = c < E * R
+    kcol = tl.arange(0, KP)
+    boff = (c // R) * (OUT * R) + (c % R)
+    dhg = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    for n0 in range(0, OUT, BLOCK_N):
+        o = n0 + tl.arange(0, BLOCK_N)
+        omask = o < OUT
+        dy = tl.load(dy_ptr + tok[:, None] * OUT + o[None, :], mask=tmask[:, None] & omask[None, :], other=0.0)
+        b = tl.load(b_ptr + boff[None, :] + o[:, None] * R, mask=omask[:, None] & cmask[None, :], other=0.0)
+        dhg = tl.dot(dy.to(DT), b.to(DT), dhg, input_precision=PREC)
+    dhg = dhg * scaling
+    tc = tmask[:, None] & cmask[None, :]
+    h = tl.load(h_ptr + tok[:, None] * (E * R) + c[None, :], mask=tc, other=0.0)
+    prod = dhg * h
+    tk = tmask[:, None] & (kcol < TOP_K)[None, :]
+    idx = tl.load(idx_ptr + tok[:, None] * TOP_K + kcol[None, :], mask=tk, other=-1).to(tl.int32)
+    gates = tl.load(gate_ptr + tok[:, None] * TOP_K + kcol[None, :], mask=tk, other=0.0)
+    for s in range(TOP_K):
+        sel = slot(idx, kcol, s)
+        here = (sel * R >= c0) & (sel * R < c0 + BLOCK_C)  # the slot's expert is in this chunk
+        d = tl.sum(tl.where((c // R)[None, :] == sel[:, None], prod, 0.0), axis=1)
+        tl.store(dslot_ptr + tok * TOP_K + s, d, mask=tmask & here)
+    gc = _gate_columns(idx, gates, kcol, c, BLOCK_T, BLOCK_C, R, E * R, TOP_K)
+    tl.store(dcat_ptr + tok[:, None] * CW + c[None, :], (dhg * gc).to(dcat_ptr.dtype.element_ty), mask=tc)
+
+
+@triton.jit
 def _bwd_dx(
     dcat_ptr, dhu_ptr, order_ptr, run_ptr, run_user_ptr, a_ptr, ua_ptr, wx_ptr, extra_ptr, dxl_ptr, dx_ptr,
     T,
@@ -645,6 +686,7 @@ class _Call:
         self.bwd_dx = cfg("bwd_dx", size, xwidth) if (self.dense or self.wide) else cfg("route_dx", "any", self.EP)
         self.grouped = cfg("grouped")
         self.shrink_wide = cfg("shrink_wide")
+        self.bwd_dh_wide = cfg("bwd_dh_wide")
         self.wgrad_in = cfg("wgrad_in", "any", width)
         self.wgrad_out = cfg("wgrad_out", "any", width)
         self.BLOCK_P = self.grouped[0]
@@ -652,6 +694,8 @@ class _Call:
         # dot), a chunk for fp32, whose CUDA-core dots hold both operands in registers.
         self.BLOCK_C = min(self.ERX, _launch.FP32_COLUMN_CHUNK if fp32 else _launch.WIDE_COLUMN_CHUNK)
         self.BLOCK_CW = min(self.ERX, _launch.FP32_COLUMN_CHUNK if fp32 else _launch.SHRINK_COLUMN_CHUNK)
+        # The backward's d(g*h) dense too, in column chunks that hold whole experts.
+        self.wide_bwd = self.wide_shrink and self.BLOCK_CW % self.R == 0
         self.split = 1
         if size == "decode":  # split the features so that the shrink covers every SM
             blocks = triton.cdiv(self.T, self.shrink[0])
@@ -799,15 +843,18 @@ def forward(s: _Call, x2, xl2, base2, table, lora_A, lora_B, scaling, temperatur
     return y, (h, hg, hu, logits, gates, idx, meta)
 
 
-def _segment_gemm(s: _Call, sched, left, right, M, N, left_by_token, right_by_token, scale, dtype, right_wide=False):
+def _segment_gemm(s: _Call, sched, left, right, M, N, left_by_token, right_by_token, scale, dtype, left_wide=False,
+                  right_wide=False):
+    """Per expert, over its (token, slot) pairs: scale * L^T R. *_wide: the operand is a dense
+    [T, E*r + ...] layout (its row stride is taken from the tensor)."""
     out = _empty(s.E, M, N, device=left.device, dtype=dtype)
     bm, bn = min(_pow2(M), 64), min(_pow2(N), 64)
     _, _, warps, stages = s.grouped
     _launch.launch(
         triton_grouped._segment_gemm, (s.E, triton.cdiv(M, bm), triton.cdiv(N, bn)),
         (left, right, sched.order, sched.seg, out, scale),
-        dict(M=M, N=N, L_BY_TOKEN=left_by_token, R_BY_TOKEN=right_by_token, R_WIDE=right_wide, TOP_K=s.TOP_K,
-             BLOCK_P=s.BLOCK_P,
+        dict(M=M, N=N, L_BY_TOKEN=left_by_token, R_BY_TOKEN=right_by_token, L_WIDE=left_wide, R_WIDE=right_wide,
+             L_STRIDE=left.shape[-1], R_STRIDE=right.shape[-1], TOP_K=s.TOP_K, BLOCK_P=s.BLOCK_P,
              BLOCK_M=bm, BLOCK_N=bn, DT=s.DT, PREC=s.PREC),
         warps, stages, bytes=_nbytes(out, left, right), flops=2 * s.num_pairs() * M * N, note="grouped weight gradient",
     )
@@ -826,8 +873,8 @@ def backward(s: _Call, dy2, dgates, dlext, saved, x2, xl2, table, max_runs, lora
     T = s.T
     order, run, run_user, uid = table[ORDER], table[RUN], table[RUN_USER], table[UID]
     dy2 = dy2.contiguous()
-    # wide: zeros, the columns of the experts a token did not pick
-    dcat = (torch.zeros if s.wide else _empty)(T, s.CW, device=dev, dtype=x2.dtype)
+    # wide (pairs write dh): zeros, the columns of the experts a token did not pick
+    dcat = (torch.zeros if s.wide and not s.wide_bwd else _empty)(T, s.CW, device=dev, dtype=x2.dtype)
     dhu = _empty(T, max(s.RU, 1), **f32)
     dlogits = _empty(T, s.E, **f32)
     dummy = x2
@@ -839,8 +886,17 @@ def backward(s: _Call, dy2, dgates, dlext, saved, x2, xl2, table, max_runs, lora
         nb = sched.block_expert.numel()
         args = (sched.order, sched.seg, sched.block_expert, sched.block_start)
         dslot = _empty(T, s.TOP_K, **f32)
-        dh = _empty(s.num_pairs(), s.R, **f32)
+        dh = _empty(s.num_pairs(), s.R, **f32) if not s.wide_bwd else dummy
         _, bk, warps, stages = s.grouped
+    if not s.dense and s.wide_bwd:
+        bt, bn_w, warps_w, stages_w = s.bwd_dh_wide
+        _launch.launch(_bwd_dh_wide, (triton.cdiv(T, bt), triton.cdiv(s.ER, s.BLOCK_CW)),
+                       (dy2, lora_B, h, gates, idx, dslot, dcat, T, scaling),
+                       dict(OUT=s.OUT, E=s.E, R=s.R, TOP_K=s.TOP_K, KP=s.KP, CW=s.CW, BLOCK_T=bt, BLOCK_N=bn_w,
+                            BLOCK_C=s.BLOCK_CW, DT=s.DT, PREC=s.PREC), warps_w, stages_w,
+                       bytes=_nbytes(dy2, lora_B, h, gates, idx, dslot) + T * s.ER * x2.element_size(),
+                       flops=2 * T * s.OUT * s.ER, note="grouped d(g h), dense (every expert)")
+    elif not s.dense:
         _launch.launch(triton_grouped._bwd_dh, (nb,), (dy2, lora_B, h, gates, *args, dh, dslot,
                                                       dcat if s.wide else dummy, scaling),
                        dict(OUT=s.OUT, BLOCK_N=bk, CW=s.CW, WIDE=s.wide, H_WIDE=s.wide_shrink, **s.grouped_consts()), warps, stages,
@@ -939,7 +995,8 @@ def backward(s: _Call, dy2, dgates, dlext, saved, x2, xl2, table, max_runs, lora
             grads["user_B"] = gub
     if scaling != 0.0 and not s.dense:
         if needs["lora_A"]:
-            grads["lora_A"] = _segment_gemm(s, sched, dh, xl2, s.R, s.IN, False, True, 1.0, lora_A.dtype)
+            grads["lora_A"] = _segment_gemm(s, sched, dcat if s.wide_bwd else dh, xl2, s.R, s.IN, False, True, 1.0,
+                                            lora_A.dtype, left_wide=s.wide_bwd)
         if needs["lora_B"]:
             grads["lora_B"] = _segment_gemm(s, sched, dy2, hg, s.OUT, s.R, True, False, scaling, lora_B.dtype,
                                             right_wide=s.wide_shrink)

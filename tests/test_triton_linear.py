@@ -99,6 +99,18 @@ def test_grouped_strategy_with_many_experts(E, k, r, mode, monkeypatch):
     assert triton_linear.choose_strategy(E, r) == "grouped"
 
 
+def test_grouped_dense_shrink_with_a_rank_that_splits_the_column_chunks(monkeypatch):
+    """r = 3 does not divide the dense backward's column chunks: the pair-wise d(g*h) runs."""
+    from proper_kernels import triton_grouped
+
+    monkeypatch.setattr(triton_grouped, "WIDE_SHRINK_PER_SLOT", 1024)
+    case = make_case(5, 40, 20, 18, 12, 2, 3, 8, 6, ("token", "user", "lora"))
+    low = cast(case, torch.float32)
+    s = triton_linear._Call(low["x"].reshape(-1, 20), low["lora_A"], low["lora_B"], 2, 8, "grouped")
+    assert s.wide_shrink and not s.wide_bwd
+    check(case, torch.float32, "grouped")
+
+
 def test_strategies_agree():
     case = cast(make_case(21, 50, 30, 20, 8, 2, 8, 4, 6, ("token", "user", "lora")), torch.float32)
     outs = {}
