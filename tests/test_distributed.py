@@ -75,8 +75,10 @@ def torchrun(tmp_path, worker: str, name: str, out, *args: str) -> None:
                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), str(out),
                           *args], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     if run.returncode != 0:  # each rank's own traceback (the rank that failed first is the cause), then the tail
-        per_rank = ["\n".join([ln for ln in run.stderr.splitlines() if f"[rank{r}]" in ln][-40:]) for r in range(2)]
-        raise AssertionError("\n".join(per_rank) + "\n" + run.stdout[-2000:] + run.stderr[-2000:])
+        lines = run.stderr.splitlines()
+        per_rank = ["\n".join([ln for ln in lines if f"[rank{r}]" in ln][-40:]) for r in range(2)]
+        aborts = [ln for ln in lines if "terminate called" in ln][:1]  # callers match this start-up abort
+        raise AssertionError("\n".join(aborts + per_rank) + "\n" + run.stdout[-2000:] + run.stderr[-3000:])
 
 
 def merged_adapters(tmp_path) -> dict:
