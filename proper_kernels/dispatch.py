@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _checks, cuda_backend, reference
-from .plan import BatchPlan
+from .plan import BatchPlan, check_plan
 from .reference import Routing
 
 log = logging.getLogger("proper_kernels")
@@ -334,11 +334,8 @@ def fused_linear(
     the plan's user ids."""
     if not isinstance(weights, AdapterWeights):
         raise TypeError(f"weights must be a proper_kernels.AdapterWeights, got {type(weights).__name__}")
-    if not isinstance(plan, BatchPlan):
-        raise TypeError(f"plan must be a proper_kernels.BatchPlan (proper_kernels.build_plan), got {type(plan).__name__}")
+    check_plan(plan, x)
     lead = x.shape[:-1]
-    if plan.num_tokens != x.numel() // max(1, x.shape[-1]):
-        raise ValueError(f"plan was built for {plan.num_tokens} tokens but x has {tuple(lead)} tokens")
     uid = plan.user_ids
     # One id per sequence when the plan was built that way (the torch backend then gathers a
     # user's rows once per sequence), else one per token.

@@ -51,6 +51,19 @@ class BatchPlan(NamedTuple):
         return self.table[UID]
 
 
+def check_plan(plan, x: Tensor) -> BatchPlan:
+    """`plan`, if it is a BatchPlan for the tokens of x (x [..., in]) on x's device."""
+    if not isinstance(plan, BatchPlan):
+        raise TypeError(f"plan must be a proper_kernels.BatchPlan (proper_kernels.build_plan), got "
+                        f"{type(plan).__name__}")
+    T = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if plan.num_tokens != T:
+        raise ValueError(f"plan was built for {plan.num_tokens} tokens but x has {T}")
+    if plan.table.device != x.device:
+        raise ValueError(f"plan is on {plan.table.device} but x is on {x.device}")
+    return plan
+
+
 def max_runs(num_tokens: int, groups: int, num_users: Optional[int]) -> int:
     """Runs after the sort are distinct ids: at most one per token (or per sequence), and at
     most one per user plus the users without a row."""

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from . import launch as _launch
 from . import triton_grouped
-from .plan import ORDER, RUN, RUN_END, RUN_START, RUN_USER, UID, BatchPlan, build_plan
+from .plan import ORDER, RUN, RUN_END, RUN_USER, UID, BatchPlan, build_plan, check_plan
 from .reference import Routing
 from .triton_utils import slot, softmax_rows, topk_backward, topk_select
 
@@ -60,23 +60,19 @@ def _pow2(n: int, floor: int = 16) -> int:
     return max(floor, triton.next_power_of_2(max(int(n), 1)))
 
 
-def _interpreting() -> bool:
-    return _launch.interpreting()
-
-
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 def _dot_dtype(dtype: torch.dtype):
     """The dtype dots take: the input's own, except bf16 under the interpreter."""
-    if dtype == torch.bfloat16 and _interpreting():
+    if dtype == torch.bfloat16 and _launch.interpreting():
         return tl.float32
     return _TL[dtype]
 
 
 def _precision(dtype: torch.dtype) -> str:
     """input_precision of fp32 dots (16-bit dots ignore it)."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not _interpreting():
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not _launch.interpreting():
         return "tf32"
     return "ieee"
 
@@ -1220,15 +1216,8 @@ def plan_for(user_ids: Optional[Tensor], x: Tensor, user_A: Optional[Tensor], ro
     new one built from user_ids."""
     if callable(plan):
         plan = plan()
-    T = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if plan is not None:
-        if not isinstance(plan, BatchPlan):
-            raise TypeError(f"plan must be a proper_kernels.plan.BatchPlan, got {type(plan).__name__}")
-        if plan.num_tokens != T:
-            raise ValueError(f"plan was built for {plan.num_tokens} tokens but x has {T}")
-        if plan.table.device != x.device:
-            raise ValueError(f"plan is on {plan.table.device} but x is on {x.device}")
-        return plan
+        return check_plan(plan, x)
     n_users = user_A.shape[0] if user_A is not None else (router_user.shape[0] - 1 if router_user is not None else None)
     return build_plan(user_ids, x.shape[:-1], x.device, n_users)
 

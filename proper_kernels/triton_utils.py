@@ -20,14 +20,15 @@ def softmax_rows(logits, col, E: tl.constexpr, inv_temperature):
 def topk_select(p, col, kcol, E: tl.constexpr, EP: tl.constexpr, TOP_K: tl.constexpr):
     """Top-k of the probabilities p [BT, EP], ties to the lower index, renormalised.
 
-    Returns (indices [BT, KP] int32, gates [BT, KP] fp32); slots >= TOP_K hold index 0 and
+    Returns (indices [BT, KP] int32, gates [BT, KP]); slots >= TOP_K hold index 0 and
     gate 0. In a NaN row no comparison holds: each slot then takes the lowest index not
     chosen yet, so the indices stay distinct and within [0, E), while the gates are NaN.
-    The k rounds are a rolled loop (k up to E does not unroll into the kernel)."""
+    The k rounds are a rolled loop (k up to E does not unroll into the kernel). The gates
+    keep p's dtype (fp32, or fp64 for the router's fp64 path)."""
     work = tl.where(col[None, :] < E, p, -1.0)
     free = tl.broadcast_to(col[None, :] < E, p.shape)
     idx = tl.zeros((p.shape[0], kcol.shape[0]), dtype=tl.int32)
-    raw = tl.zeros((p.shape[0], kcol.shape[0]), dtype=tl.float32)
+    raw = tl.zeros((p.shape[0], kcol.shape[0]), dtype=p.dtype)
     for j in range(TOP_K):
         best = tl.max(work, axis=1)
         sel = tl.min(tl.where((work == best[:, None]) & free, col[None, :], EP), axis=1)
