@@ -43,6 +43,9 @@ CAPABILITY = {"sm90": 90, "sm80": 80}
 
 from .cost import CASES, Case, record_call  # noqa: E402  (the goal cases)
 
+# The standalone router op (proper_kernels.router_topk): (name, tokens, experts, k).
+ROUTER_CASES = (("router-E8-k2", 8192, 8, 2), ("router-E64-k8", 8192, 64, 8), ("router-E1024-k8", 8192, 1024, 8))
+
 # Kernels whose dots are the prefill expert and user GEMMs.
 PREFILL_WGMMA = ("_shrink", "_expand")
 
@@ -53,10 +56,23 @@ def _bin(tool: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool)
 
 
-def record(case: Case, dtype_name: str, target: str) -> list:
-    """The kernel launches of one forward and backward of the fused op (meta tensors)."""
-    fwd, bwd = record_call(case, dtype_name, target)
-    return [ln for ln in fwd + bwd if hasattr(ln, "kernel")]
+def record(name: str, dtype_name: str, target: str) -> list:
+    """The kernel launches of one forward and backward of the fused op, or of the router op,
+    for the case called `name` (meta tensors)."""
+    router = next((c for c in ROUTER_CASES if c[0] == name), None)
+    if router is None:
+        fwd, bwd = record_call(next(c for c in CASES if c.name == name), dtype_name, target)
+        return [ln for ln in fwd + bwd if hasattr(ln, "kernel")]
+    import torch
+
+    from . import launch, triton_router
+
+    _, T, E, k = router
+    logits = torch.empty(T, E, device="meta", dtype=getattr(torch, dtype_name))
+    with launch.recording(target) as launches:
+        gates, idx = triton_router.router_topk_forward(logits, k)
+        triton_router.router_topk_backward(logits, idx, torch.empty_like(gates))
+    return launches
 
 
 def _specialise(launch_, target: str):
@@ -122,8 +138,7 @@ def _cache_dir() -> Path:
 def build(job: tuple) -> dict:
     """Compile one launch (a worker process): its resources and dots, or its error."""
     case_name, dtype_name, target, index = job
-    case = next(c for c in CASES if c.name == case_name)
-    launch_ = record(case, dtype_name, target)[index]
+    launch_ = record(case_name, dtype_name, target)[index]
     row = dict(kernel=launch_.name, case=case_name, dtype=dtype_name, target=target, grid=list(launch_.grid),
                num_warps=launch_.num_warps, num_stages=launch_.num_stages, note=launch_.note)
     try:
@@ -158,8 +173,8 @@ def problems(row: dict) -> list[str]:
     for kind, dt in row["dots"]:
         if kind == "fma" and dt in ("bf16", "f16"):
             out.append(f"a {dt} dot on CUDA cores (FMA)")
-    case = next(c for c in CASES if c.name == row["case"])
-    if (case.prefill and row["target"] == "sm90" and row["kernel"] in PREFILL_WGMMA and row["dtype"] != "float32"
+    case = next((c for c in CASES if c.name == row["case"]), None)
+    if (case is not None and case.prefill and row["target"] == "sm90" and row["kernel"] in PREFILL_WGMMA and row["dtype"] != "float32"
             and any(kind != "wgmma" for kind, _ in row["dots"])):
         out.append("a prefill expert or user dot that is not wgmma on sm_90")
     return out
@@ -167,11 +182,11 @@ def problems(row: dict) -> list[str]:
 
 def jobs(dtypes: tuple[str, ...]) -> list[tuple]:
     out = []
-    for case in CASES:
+    for name in [c.name for c in CASES] + [c[0] for c in ROUTER_CASES]:
         for dtype in dtypes:
             for target in ("sm90", "sm80"):
-                n = len(record(case, dtype, target))
-                out += [(case.name, dtype, target, i) for i in range(n)]
+                n = len(record(name, dtype, target))
+                out += [(name, dtype, target, i) for i in range(n)]
     return out
 
 
@@ -217,7 +232,9 @@ def main(argv: Optional[list[str]] = None) -> int:
               "forward and one backward of the fused op per case, with the launch configurations the launchers "
               "pick on a GPU. Cases (T tokens, in, out, E, k, r, r_u, users): "
               + "; ".join(f"{c.name} ({c.T}, {c.d_in}, {c.d_out}, {c.E}, {c.k}, {c.r}, {c.r_u}, {c.users}"
-                          f"{' per token' if c.per_token else ''})" for c in CASES) + ".")
+                          f"{' per token' if c.per_token else ''})" for c in CASES)
+              + "; the router op alone: " + ", ".join(f"{n} (T={T}, E={E}, k={k})" for n, T, E, k in ROUTER_CASES)
+              + ".")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table(rows, header))

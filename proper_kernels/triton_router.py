@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_utils import softmax_rows, topk_backward
+from . import launch as _launch
+from .triton_utils import softmax_rows, topk_backward, topk_select
 
 __all__ = ["MAX_EXPERTS", "router_topk_forward", "router_topk_backward", "RouterTopK", "router_topk"]
 
@@ -46,6 +47,11 @@ _CONFIGS = {
     1024: (4, 8),
 }
 _MIN_BLOCK_E = 16
+_NUM_STAGES = 3  # Triton's default; the kernels have no loads in a loop to pipeline
+
+
+def _nbytes(*ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
 
 
 # -- kernels ----------------------------------------------------------------------------------
@@ -75,22 +81,7 @@ def _router_topk_fwd_kernel(
     inv_t = tl.cast(inv_t_hi, COMPUTE) + tl.cast(inv_t_lo, COMPUTE)
     p = softmax_rows(x.to(COMPUTE), col, E, inv_t)  # 0 in padded columns
 
-    work = tl.where(valid, p, -1.0)  # probabilities are >= 0: -1 marks "taken / padding"
-    free = tl.broadcast_to(valid, (BLOCK_T, BLOCK_E))  # full shape: the loop carries it
-    idx = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
-    top = tl.zeros((BLOCK_T, BLOCK_K), dtype=COMPUTE)
-    for j in range(TOP_K):
-        best = tl.max(work, axis=1)
-        sel = tl.min(tl.where((work == best[:, None]) & free, col[None, :], BLOCK_E), axis=1)
-        lowest_free = tl.min(tl.where(free, col[None, :], BLOCK_E), axis=1)
-        sel = tl.where(sel == BLOCK_E, lowest_free, sel)  # NaN row: nothing compared equal
-        hit = col[None, :] == sel[:, None]
-        val = tl.sum(tl.where(hit, p, 0.0), axis=1)
-        idx = tl.where(kcol[None, :] == j, sel[:, None], idx)
-        top = tl.where(kcol[None, :] == j, val[:, None], top)
-        work = tl.where(hit, -1.0, work)
-        free = free & (col[None, :] != sel[:, None])
-    gates = top / tl.sum(top, axis=1)[:, None]
+    idx, gates = topk_select(p, col, kcol, E, BLOCK_E, TOP_K)
 
     out = row[:, None] * TOP_K + kcol[None, :]
     mask = in_row[:, None] & (kcol[None, :] < TOP_K)
@@ -224,10 +215,11 @@ def router_topk_forward(
         return gates, indices
     block_t, block_e, num_warps = _launch_config(E)
     hi, lo = _split_inverse(temperature)
-    _router_topk_fwd_kernel[(triton.cdiv(T, block_t),)](
-        logits, gates, indices, T, hi, lo,
-        E=E, TOP_K=top_k, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
-        COMPUTE=_compute_dtype(logits.dtype), num_warps=num_warps,
+    _launch.launch(
+        _router_topk_fwd_kernel, (triton.cdiv(T, block_t),), (logits, gates, indices, T, hi, lo),
+        dict(E=E, TOP_K=top_k, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
+             COMPUTE=_compute_dtype(logits.dtype)),
+        num_warps, _NUM_STAGES, bytes=_nbytes(logits, gates, indices), note="router top-k",
     )
     return gates, indices
 
@@ -269,10 +261,11 @@ def router_topk_backward(
         return dlogits
     block_t, block_e, num_warps = _launch_config(E)
     hi, lo = _split_inverse(temperature)
-    _router_topk_bwd_kernel[(triton.cdiv(T, block_t),)](
-        logits, indices.contiguous(), dgates.contiguous(), dlogits, T, hi, lo,
-        E=E, TOP_K=top_k, BLOCK_T=block_t, BLOCK_E=block_e,
-        COMPUTE=_compute_dtype(logits.dtype), num_warps=num_warps,
+    indices, dgates = indices.contiguous(), dgates.contiguous()
+    _launch.launch(
+        _router_topk_bwd_kernel, (triton.cdiv(T, block_t),), (logits, indices, dgates, dlogits, T, hi, lo),
+        dict(E=E, TOP_K=top_k, BLOCK_T=block_t, BLOCK_E=block_e, COMPUTE=_compute_dtype(logits.dtype)),
+        num_warps, _NUM_STAGES, bytes=_nbytes(logits, indices, dgates, dlogits), note="router top-k backward",
     )
     return dlogits
 
