@@ -4,7 +4,9 @@
 
 #include <c10/cuda/CUDAException.h>
 
+#include "decode.cuh"
 #include "kernels.cuh"
+#include "prefill.cuh"
 #include "ops.h"
 
 namespace proper {
@@ -108,16 +110,76 @@ void launch_bgmv_expand(const float* h, const void* W, const int64_t* idx, const
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Dynamic shared memory past the default 48 KiB needs the kernel's opt-in.
+template <typename Kernel>
+void allow_smem(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
 template <typename Tag>
 void launch_proper_decode(const DecodeLaunch& a, cudaStream_t stream) {
   using T = typename Storage<Tag>::type;
   if (a.n_tokens == 0) return;
-  dev::DecodeArgs d{a.x, a.base, a.lora_A, a.lora_B, a.router_x, a.router_user, a.router_h, a.user_A, a.user_B,
-                    a.uid, a.y, a.logits, a.gates, a.indices, a.h, a.hu, a.n_tokens, a.in, a.out, a.E, a.r,
-                    a.k, a.r_u, a.num_users, a.scaling, a.user_scaling, a.inv_temperature};
-  const size_t smem = sizeof(float) * (a.E + a.r_u + static_cast<size_t>(a.k) * a.r + a.k) + sizeof(int) * a.k;
-  const dim3 grid(static_cast<unsigned>(a.n_tokens));
-  PROPER_DISPATCH_VPT(a.E, VPT, dev::proper_decode_kernel<T, VPT><<<grid, dev::kDecodeThreads, smem, stream>>>(d));
+  const dim3 split_grid(static_cast<unsigned>(a.n_tokens), static_cast<unsigned>(a.splits));
+  dec::decode_router_kernel<T><<<split_grid, dec::kThreads, 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const size_t smem_shrink = sizeof(float) * (3 * static_cast<size_t>(a.E) + a.r_u + 2 * a.k);
+  allow_smem(dec::decode_shrink_kernel<T>, smem_shrink);
+  dec::decode_shrink_kernel<T><<<split_grid, dec::kThreads, smem_shrink, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (a.out == 0) return;
+  const size_t smem_expand = sizeof(float) * (static_cast<size_t>(a.k) * a.r + a.r_u + 2 * a.k);
+  allow_smem(dec::decode_expand_kernel<T>, smem_expand);
+  const dim3 out_grid(static_cast<unsigned>(a.n_tokens), static_cast<unsigned>((a.out + dec::kThreads - 1) / dec::kThreads));
+  dec::decode_expand_kernel<T><<<out_grid, dec::kThreads, smem_expand, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+inline unsigned tiles_of(int64_t n, int tile) { return static_cast<unsigned>((n + tile - 1) / tile); }
+
+template <typename Tag>
+void launch_prefill_shrink(const ShrinkLaunch& a, cudaStream_t stream) {
+  using T = typename Storage<Tag>::type;
+  if (a.T == 0) return;
+  const int c_user = pf::round8(a.E * a.r) + (a.Wx ? pf::round8(a.E) : 0);
+  const int n_cols = c_user + (a.UA ? pf::round8(a.r_u) : 0);
+  const size_t smem = pf::epi_layout<T>(2, n_cols, a.E, a.k).total;
+  allow_smem(pf::prefill_shrink_kernel<T>, smem);
+  pf::prefill_shrink_kernel<T><<<tiles_of(a.T, tc::kTileM), tc::kThreads, smem, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename Tag>
+void launch_prefill_expand(const ExpandLaunch& a, cudaStream_t stream) {
+  using T = typename Storage<Tag>::type;
+  if (a.T == 0 || a.out == 0) return;
+  const size_t smem = pf::out_tile_smem<T>();
+  allow_smem(pf::prefill_expand_kernel<T>, smem);
+  const dim3 grid(tiles_of(a.T, tc::kTileM), tiles_of(a.out, pf::kOutTile));
+  pf::prefill_expand_kernel<T><<<grid, tc::kThreads, smem, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename Tag>
+void launch_prefill_bwd_dh(const BwdDhLaunch& a, cudaStream_t stream) {
+  using T = typename Storage<Tag>::type;
+  if (a.T == 0) return;
+  const int n_cols = pf::round8(a.E * a.r) + (a.UB ? pf::round8(a.r_u) : 0);
+  const size_t smem = pf::epi_layout<T>(1, n_cols, a.E, a.k).total;
+  allow_smem(pf::prefill_bwd_dh_kernel<T>, smem);
+  pf::prefill_bwd_dh_kernel<T><<<tiles_of(a.T, tc::kTileM), tc::kThreads, smem, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename Tag>
+void launch_prefill_bwd_dx(const BwdDxLaunch& a, cudaStream_t stream) {
+  using T = typename Storage<Tag>::type;
+  if (a.T == 0 || a.in == 0) return;
+  const size_t smem = pf::out_tile_smem<T>();
+  allow_smem(pf::prefill_bwd_dx_kernel<T>, smem);
+  const dim3 grid(tiles_of(a.T, tc::kTileM), tiles_of(a.in, pf::kOutTile));
+  pf::prefill_bwd_dx_kernel<T><<<grid, tc::kThreads, smem, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -130,5 +192,13 @@ void launch_proper_decode(const DecodeLaunch& a, cudaStream_t stream) {
   template void launch_bgmv_expand<Tag>(const float*, const void*, const int64_t*, const float*, const void*,     \
                                         void*, bool, int64_t, int, int, int, int64_t, bool, cudaStream_t);         \
   template void launch_proper_decode<Tag>(const DecodeLaunch&, cudaStream_t);
+
+#define PROPER_INSTANTIATE_PREFILL_FWD(Tag)                                     \
+  template void launch_prefill_shrink<Tag>(const ShrinkLaunch&, cudaStream_t); \
+  template void launch_prefill_expand<Tag>(const ExpandLaunch&, cudaStream_t);
+
+#define PROPER_INSTANTIATE_PREFILL_BWD(Tag)                                    \
+  template void launch_prefill_bwd_dh<Tag>(const BwdDhLaunch&, cudaStream_t); \
+  template void launch_prefill_bwd_dx<Tag>(const BwdDxLaunch&, cudaStream_t);
 
 }  // namespace proper

@@ -14,6 +14,8 @@
 #include <torch/library.h>
 #include <torch/version.h>  // TORCH_VERSION
 
+#include <algorithm>
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -408,7 +410,357 @@ DecodeOut proper_decode_cuda(const Tensor& x, const Tensor& base, const Tensor& 
   a.user_scaling = static_cast<float>(user_scaling);
   a.inv_temperature = static_cast<float>(1.0 / temperature);
   const c10::cuda::CUDAGuard guard(x.device());
+  // Splits of the features: about two CTAs per SM over the tokens, at least 256 features each.
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t T = std::max<int64_t>(a.n_tokens, 1);
+  a.splits = static_cast<int>(std::clamp<int64_t>((2 * sms + T - 1) / T, 1, std::max<int64_t>(1, a.in / 256)));
+  const int64_t vec_elems = 16 / static_cast<int64_t>(x.element_size());
+  auto aligned = [](const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  a.vec = a.in % vec_elems == 0 && aligned(a.x) && aligned(a.lora_A) && aligned(a.router_x) && aligned(a.user_A);
+  a.vec_r = a.r % vec_elems == 0 && aligned(a.lora_B);
+  a.vec_ru = a.r_u % vec_elems == 0 && aligned(a.user_B);
+  const auto f32 = x.options().dtype(at::kFloat);
+  Tensor part1 = at::empty({a.splits, x.size(0), a.E + a.r_u}, f32);
+  Tensor part2 = at::empty({a.splits, x.size(0), a.k * a.r}, f32);
+  a.part1 = part1.data_ptr<float>();
+  a.part2 = part2.data_ptr<float>();
   dispatch_tag(x, [&](auto tag) { launch_proper_decode<decltype(tag)>(a, stream_of(x)); });
+  return outs;
+}
+
+// -- prefill_* (the tensor-core prefill and training kernels) ----------------------------------
+
+const void* opt_ptr(const OptTensor& t) { return t.has_value() ? t->data_ptr() : nullptr; }
+
+// plan: the batch plan [6, T] (proper_kernels/plan.py) of the T tokens of `ref`.
+void check_plan(const char* op, const Tensor& plan, const Tensor& ref, int64_t T) {
+  check_layout(op, "plan", plan, 2);
+  check_index(op, "plan", plan, ref);
+  TORCH_CHECK(plan.size(0) == 6 && plan.size(1) == T, "proper::", op, ": argument 'plan' must have shape [6, ", T,
+              "] (a batch plan of the tokens), got ", plan.sizes());
+}
+
+void check_opt(const char* op, const char* name, const OptTensor& t, const Tensor& ref, int64_t dim) {
+  if (!t.has_value()) return;
+  check_layout(op, name, *t, dim);
+  check_same(op, name, *t, "x", ref);
+}
+
+void check_dims(const char* op, const char* name, const Tensor& t, std::initializer_list<int64_t> shape) {
+  TORCH_CHECK(t.sizes().equals(shape), "proper::", op, ": argument '", name, "' must have shape ",
+              c10::IntArrayRef(shape), ", got ", t.sizes());
+}
+
+void check_columns(const char* op, int64_t E, int64_t r, bool router, int64_t r_u) {
+  auto pad = [](int64_t v) { return (v + 7) / 8 * 8; };
+  const int64_t cols = pad(E * r) + (router ? pad(E) : 0) + pad(r_u);
+  TORCH_CHECK(cols <= kPrefillMaxColumns, "proper::", op, ": the columns E*r + E + r_u (each padded to 8) are ", cols,
+              ", more than the ", kPrefillMaxColumns, " the prefill kernels hold (E=", E, ", r=", r, ", r_u=", r_u,
+              ")");
+}
+
+using ShrinkOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+ShrinkOut prefill_shrink_meta(const Tensor& x, const Tensor& x_lora, const Tensor& plan, const Tensor& lora_A,
+                              const OptTensor& router_x, const OptTensor& router_user, const OptTensor& router_h,
+                              const OptTensor& user_A, int64_t top_k, double temperature) {
+  const char* op = "prefill_shrink";
+  check_layout(op, "x", x, 2);
+  check_float(op, "x", x);
+  const int64_t T = x.size(0), in = x.size(1);
+  check_layout(op, "x_lora", x_lora, 2);
+  check_same(op, "x_lora", x_lora, "x", x);
+  check_dims(op, "x_lora", x_lora, {T, in});
+  check_plan(op, plan, x, T);
+  check_layout(op, "lora_A", lora_A, 3);
+  check_same(op, "lora_A", lora_A, "x", x);
+  check_size(op, "lora_A", lora_A, 2, in, "the features of x");
+  const int64_t E = lora_A.size(0), r = lora_A.size(1);
+  TORCH_CHECK(top_k >= 1 && top_k <= E, "proper::", op, ": argument 'top_k' must be in [1, ", E, "], got ", top_k);
+  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "proper::", op,
+              ": argument 'temperature' must be positive and finite, got ", temperature);
+  check_opt(op, "router_x", router_x, x, 2);
+  if (router_x.has_value()) check_dims(op, "router_x", *router_x, {E, in});
+  check_opt(op, "user_A", user_A, x, 3);
+  const int64_t r_u = user_A.has_value() ? user_A->size(1) : 0;
+  if (user_A.has_value()) check_size(op, "user_A", *user_A, 2, in, "the features of x");
+  check_opt(op, "router_user", router_user, x, 2);
+  if (router_user.has_value()) {
+    check_size(op, "router_user", *router_user, 1, E, "experts");
+    if (user_A.has_value()) check_size(op, "router_user", *router_user, 0, user_A->size(0) + 1, "num_users + 1");
+  }
+  check_opt(op, "router_h", router_h, x, 2);
+  if (router_h.has_value()) {
+    TORCH_CHECK(user_A.has_value(), "proper::", op, ": argument 'router_h' needs the user bank 'user_A'");
+    check_dims(op, "router_h", *router_h, {E, r_u});
+  }
+  check_columns(op, E, r, router_x.has_value(), r_u);
+  const auto f32 = x.options().dtype(at::kFloat);
+  return {at::empty({T, E * r}, f32),  at::empty({T, E * r}, x.options()), at::empty({T, r_u}, f32),
+          at::empty({T, E}, f32),      at::empty({T, top_k}, f32),         at::empty({T, top_k}, x.options().dtype(at::kLong))};
+}
+
+ShrinkOut prefill_shrink_cuda(const Tensor& x, const Tensor& x_lora, const Tensor& plan, const Tensor& lora_A,
+                              const OptTensor& router_x, const OptTensor& router_user, const OptTensor& router_h,
+                              const OptTensor& user_A, int64_t top_k, double temperature) {
+  check_cuda("prefill_shrink", "x", x);
+  ShrinkOut outs = prefill_shrink_meta(x, x_lora, plan, lora_A, router_x, router_user, router_h, user_A, top_k,
+                                       temperature);
+  auto& [h, hg, hu, logits, gates, indices] = outs;
+  ShrinkLaunch a{};
+  a.x = x.data_ptr();
+  a.xl = x_lora.data_ptr();
+  a.A = lora_A.data_ptr();
+  a.Wx = opt_ptr(router_x);
+  a.R = opt_ptr(router_user);
+  a.Wh = opt_ptr(router_h);
+  a.UA = opt_ptr(user_A);
+  a.plan = plan.data_ptr<int64_t>();
+  a.h = h.data_ptr<float>();
+  a.hg = hg.data_ptr();
+  a.hu = hu.data_ptr<float>();
+  a.logits = logits.data_ptr<float>();
+  a.gates = gates.data_ptr<float>();
+  a.indices = indices.data_ptr<int64_t>();
+  a.T = x.size(0);
+  a.in = static_cast<int>(x.size(1));
+  a.E = static_cast<int>(lora_A.size(0));
+  a.r = static_cast<int>(lora_A.size(1));
+  a.k = static_cast<int>(top_k);
+  a.r_u = static_cast<int>(hu.size(1));
+  a.r_rows = router_user.has_value() ? static_cast<int>(router_user->size(0)) : 0;
+  a.num_users = user_A.has_value() ? static_cast<int>(user_A->size(0)) : std::max(a.r_rows - 1, 0);
+  a.inv_temperature = static_cast<float>(1.0 / temperature);
+  const c10::cuda::CUDAGuard guard(x.device());
+  dispatch_tag(x, [&](auto tag) { launch_prefill_shrink<decltype(tag)>(a, stream_of(x)); });
+  return outs;
+}
+
+// The checks of prefill_expand / prefill_expand_; returns out.
+int64_t check_expand_pf(const char* op, const Tensor& base, const Tensor& hg, const Tensor& hu, const Tensor& plan,
+                        const Tensor& lora_B, const OptTensor& user_B) {
+  check_layout(op, "hg", hg, 2);
+  check_float(op, "hg", hg);
+  const int64_t T = hg.size(0);
+  check_layout(op, "base", base, 2);
+  check_same(op, "base", base, "hg", hg);
+  check_size(op, "base", base, 0, T, "tokens of hg");
+  const int64_t out = base.size(1);
+  check_layout(op, "lora_B", lora_B, 3);
+  check_same(op, "lora_B", lora_B, "hg", hg);
+  const int64_t E = lora_B.size(0), r = lora_B.size(2);
+  check_dims(op, "lora_B", lora_B, {E, out, r});
+  check_dims(op, "hg", hg, {T, E * r});
+  check_plan(op, plan, hg, T);
+  check_layout(op, "hu", hu, 2);
+  TORCH_CHECK(hu.scalar_type() == at::kFloat && hu.device() == hg.device(), "proper::", op,
+              ": argument 'hu' must be float32 on ", hg.device(), ", got ", hu.scalar_type(), " on ", hu.device());
+  if (user_B.has_value()) {
+    check_layout(op, "user_B", *user_B, 3);
+    check_same(op, "user_B", *user_B, "hg", hg);
+    check_dims(op, "user_B", *user_B, {user_B->size(0), out, hu.size(1)});
+    check_dims(op, "hu", hu, {T, user_B->size(2)});
+  }
+  return out;
+}
+
+ExpandLaunch expand_launch(const Tensor& base, void* y, const Tensor& hg, const Tensor& hu, const Tensor& plan,
+                           const Tensor& lora_B, const OptTensor& user_B, double scaling, double user_scaling) {
+  ExpandLaunch a{};
+  a.hg = hg.data_ptr();
+  a.B = lora_B.data_ptr();
+  a.UB = opt_ptr(user_B);
+  a.base = base.data_ptr();
+  a.hu = hu.data_ptr<float>();
+  a.plan = plan.data_ptr<int64_t>();
+  a.y = y;
+  a.T = hg.size(0);
+  a.out = static_cast<int>(base.size(1));
+  a.E = static_cast<int>(lora_B.size(0));
+  a.r = static_cast<int>(lora_B.size(2));
+  a.r_u = user_B.has_value() ? static_cast<int>(user_B->size(2)) : 0;
+  a.num_users = user_B.has_value() ? static_cast<int>(user_B->size(0)) : 0;
+  a.scaling = static_cast<float>(scaling);
+  a.user_scaling = static_cast<float>(user_scaling);
+  return a;
+}
+
+Tensor prefill_expand_meta(const Tensor& hg, const Tensor& hu, const Tensor& plan, const Tensor& lora_B,
+                           const OptTensor& user_B, const Tensor& base, double, double) {
+  check_expand_pf("prefill_expand", base, hg, hu, plan, lora_B, user_B);
+  return at::empty_like(base);
+}
+
+Tensor prefill_expand_cuda(const Tensor& hg, const Tensor& hu, const Tensor& plan, const Tensor& lora_B,
+                           const OptTensor& user_B, const Tensor& base, double scaling, double user_scaling) {
+  check_cuda("prefill_expand", "hg", hg);
+  Tensor y = prefill_expand_meta(hg, hu, plan, lora_B, user_B, base, scaling, user_scaling);
+  const ExpandLaunch a = expand_launch(base, y.data_ptr(), hg, hu, plan, lora_B, user_B, scaling, user_scaling);
+  const c10::cuda::CUDAGuard guard(hg.device());
+  dispatch_tag(hg, [&](auto tag) { launch_prefill_expand<decltype(tag)>(a, stream_of(hg)); });
+  return y;
+}
+
+void prefill_expand__meta(Tensor& base, const Tensor& hg, const Tensor& hu, const Tensor& plan, const Tensor& lora_B,
+                          const OptTensor& user_B, double, double) {
+  check_expand_pf("prefill_expand_", base, hg, hu, plan, lora_B, user_B);
+}
+
+void prefill_expand__cuda(Tensor& base, const Tensor& hg, const Tensor& hu, const Tensor& plan, const Tensor& lora_B,
+                          const OptTensor& user_B, double scaling, double user_scaling) {
+  check_cuda("prefill_expand_", "hg", hg);
+  check_expand_pf("prefill_expand_", base, hg, hu, plan, lora_B, user_B);
+  const ExpandLaunch a = expand_launch(base, base.data_ptr(), hg, hu, plan, lora_B, user_B, scaling, user_scaling);
+  const c10::cuda::CUDAGuard guard(hg.device());
+  dispatch_tag(hg, [&](auto tag) { launch_prefill_expand<decltype(tag)>(a, stream_of(hg)); });
+}
+
+using DhOut = std::tuple<Tensor, Tensor, Tensor>;
+
+DhOut prefill_bwd_dh_meta(const Tensor& dy, const Tensor& plan, const Tensor& lora_B, const OptTensor& user_B,
+                          const OptTensor& router_h, const Tensor& h, const Tensor& logits, const Tensor& gates,
+                          const Tensor& indices, const OptTensor& dgates, const OptTensor& dlogits, double,
+                          double, double temperature) {
+  const char* op = "prefill_bwd_dh";
+  check_layout(op, "dy", dy, 2);
+  check_float(op, "dy", dy);
+  const int64_t T = dy.size(0), out = dy.size(1);
+  check_plan(op, plan, dy, T);
+  check_layout(op, "lora_B", lora_B, 3);
+  check_same(op, "lora_B", lora_B, "dy", dy);
+  const int64_t E = lora_B.size(0), r = lora_B.size(2);
+  check_dims(op, "lora_B", lora_B, {E, out, r});
+  int64_t r_u = 0;
+  if (user_B.has_value()) {
+    check_layout(op, "user_B", *user_B, 3);
+    check_same(op, "user_B", *user_B, "dy", dy);
+    check_size(op, "user_B", *user_B, 1, out, "the outputs of dy");
+    r_u = user_B->size(2);
+  }
+  if (router_h.has_value()) {
+    check_layout(op, "router_h", *router_h, 2);
+    check_same(op, "router_h", *router_h, "dy", dy);
+    check_dims(op, "router_h", *router_h, {E, r_u});
+  }
+  auto f32 = [&](const char* name, const Tensor& t, std::initializer_list<int64_t> shape) {
+    check_layout(op, name, t, static_cast<int64_t>(shape.size()));
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.device() == dy.device(), "proper::", op, ": argument '", name,
+                "' must be float32 on ", dy.device(), ", got ", t.scalar_type(), " on ", t.device());
+    check_dims(op, name, t, shape);
+  };
+  f32("h", h, {T, E * r});
+  f32("logits", logits, {T, E});
+  const int64_t k = gates.dim() == 2 ? gates.size(1) : 0;
+  TORCH_CHECK(k >= 1 && k <= E, "proper::", op, ": argument 'gates' must be [T, k] with k in [1, ", E, "], got ",
+              gates.sizes());
+  f32("gates", gates, {T, k});
+  check_layout(op, "indices", indices, 2);
+  check_index(op, "indices", indices, dy);
+  check_dims(op, "indices", indices, {T, k});
+  if (dgates.has_value()) f32("dgates", *dgates, {T, k});
+  if (dlogits.has_value()) f32("dlogits", *dlogits, {T, E});
+  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "proper::", op,
+              ": argument 'temperature' must be positive and finite, got ", temperature);
+  check_columns(op, E, r, false, r_u);
+  const auto fo = dy.options().dtype(at::kFloat);
+  return {at::empty({T, E * r}, dy.options()), at::empty({T, E}, fo), at::empty({T, r_u}, fo)};
+}
+
+DhOut prefill_bwd_dh_cuda(const Tensor& dy, const Tensor& plan, const Tensor& lora_B, const OptTensor& user_B,
+                          const OptTensor& router_h, const Tensor& h, const Tensor& logits, const Tensor& gates,
+                          const Tensor& indices, const OptTensor& dgates, const OptTensor& dlogits, double scaling,
+                          double user_scaling, double temperature) {
+  check_cuda("prefill_bwd_dh", "dy", dy);
+  DhOut outs = prefill_bwd_dh_meta(dy, plan, lora_B, user_B, router_h, h, logits, gates, indices, dgates, dlogits,
+                                   scaling, user_scaling, temperature);
+  auto& [dh, dl, dhu] = outs;
+  BwdDhLaunch a{};
+  a.dy = dy.data_ptr();
+  a.B = lora_B.data_ptr();
+  a.UB = opt_ptr(user_B);
+  a.Wh = opt_ptr(router_h);
+  a.plan = plan.data_ptr<int64_t>();
+  a.h = h.data_ptr<float>();
+  a.logits = logits.data_ptr<float>();
+  a.gates = gates.data_ptr<float>();
+  a.dgates_ext = dgates.has_value() ? dgates->data_ptr<float>() : nullptr;
+  a.dlogits_ext = dlogits.has_value() ? dlogits->data_ptr<float>() : nullptr;
+  a.indices = indices.data_ptr<int64_t>();
+  a.dh = dh.data_ptr();
+  a.dlogits = dl.data_ptr<float>();
+  a.dhu = dhu.data_ptr<float>();
+  a.T = dy.size(0);
+  a.out = static_cast<int>(dy.size(1));
+  a.E = static_cast<int>(lora_B.size(0));
+  a.r = static_cast<int>(lora_B.size(2));
+  a.k = static_cast<int>(gates.size(1));
+  a.r_u = static_cast<int>(dhu.size(1));
+  a.num_users = user_B.has_value() ? static_cast<int>(user_B->size(0)) : 0;
+  a.scaling = static_cast<float>(scaling);
+  a.user_scaling = static_cast<float>(user_scaling);
+  a.inv_temperature = static_cast<float>(1.0 / temperature);
+  const c10::cuda::CUDAGuard guard(dy.device());
+  dispatch_tag(dy, [&](auto tag) { launch_prefill_bwd_dh<decltype(tag)>(a, stream_of(dy)); });
+  return outs;
+}
+
+std::tuple<Tensor, Tensor> prefill_bwd_dx_meta(const Tensor& dh, const Tensor& dlogits, const Tensor& dhu,
+                                               const Tensor& plan, const Tensor& lora_A, const OptTensor& router_x,
+                                               const OptTensor& user_A, bool split_router) {
+  const char* op = "prefill_bwd_dx";
+  check_layout(op, "dh", dh, 2);
+  check_float(op, "dh", dh);
+  const int64_t T = dh.size(0);
+  check_plan(op, plan, dh, T);
+  check_layout(op, "lora_A", lora_A, 3);
+  check_same(op, "lora_A", lora_A, "dh", dh);
+  const int64_t E = lora_A.size(0), r = lora_A.size(1), in = lora_A.size(2);
+  check_dims(op, "dh", dh, {T, E * r});
+  check_layout(op, "dlogits", dlogits, 2);
+  check_layout(op, "dhu", dhu, 2);
+  TORCH_CHECK(dlogits.scalar_type() == at::kFloat && dhu.scalar_type() == at::kFloat &&
+                  dlogits.device() == dh.device() && dhu.device() == dh.device(),
+              "proper::", op, ": arguments 'dlogits' and 'dhu' must be float32 on ", dh.device());
+  check_dims(op, "dlogits", dlogits, {T, E});
+  if (router_x.has_value()) {
+    check_layout(op, "router_x", *router_x, 2);
+    check_same(op, "router_x", *router_x, "dh", dh);
+    check_dims(op, "router_x", *router_x, {E, in});
+  }
+  if (user_A.has_value()) {
+    check_layout(op, "user_A", *user_A, 3);
+    check_same(op, "user_A", *user_A, "dh", dh);
+    check_size(op, "user_A", *user_A, 2, in, "the features of lora_A");
+    check_dims(op, "dhu", dhu, {T, user_A->size(1)});
+  }
+  const bool split = split_router && router_x.has_value();
+  return {at::empty({T, in}, dh.options()), at::empty({split ? T : 0, in}, dh.options())};
+}
+
+std::tuple<Tensor, Tensor> prefill_bwd_dx_cuda(const Tensor& dh, const Tensor& dlogits, const Tensor& dhu,
+                                               const Tensor& plan, const Tensor& lora_A, const OptTensor& router_x,
+                                               const OptTensor& user_A, bool split_router) {
+  check_cuda("prefill_bwd_dx", "dh", dh);
+  auto outs = prefill_bwd_dx_meta(dh, dlogits, dhu, plan, lora_A, router_x, user_A, split_router);
+  auto& [dxl, dxr] = outs;
+  BwdDxLaunch a{};
+  a.dh = dh.data_ptr();
+  a.A = lora_A.data_ptr();
+  a.Wx = opt_ptr(router_x);
+  a.UA = opt_ptr(user_A);
+  a.dlogits = dlogits.data_ptr<float>();
+  a.dhu = dhu.data_ptr<float>();
+  a.plan = plan.data_ptr<int64_t>();
+  a.dx_lora = dxl.data_ptr();
+  a.dx_router = dxr.size(0) ? dxr.data_ptr() : nullptr;
+  a.T = dh.size(0);
+  a.in = static_cast<int>(lora_A.size(2));
+  a.E = static_cast<int>(lora_A.size(0));
+  a.r = static_cast<int>(lora_A.size(1));
+  a.r_u = user_A.has_value() ? static_cast<int>(user_A->size(1)) : 0;
+  a.num_users = user_A.has_value() ? static_cast<int>(user_A->size(0)) : 0;
+  const c10::cuda::CUDAGuard guard(dh.device());
+  dispatch_tag(dh, [&](auto tag) { launch_prefill_bwd_dx<decltype(tag)>(a, stream_of(dh)); });
   return outs;
 }
 
@@ -437,6 +789,32 @@ DecodeOut proper_decode_cpu(const Tensor& x, const Tensor&, const Tensor&, const
   return {};
 }
 
+ShrinkOut prefill_shrink_cpu(const Tensor& x, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                             const OptTensor&, const OptTensor&, const OptTensor&, int64_t, double) {
+  check_cuda("prefill_shrink", "x", x);
+  return {};
+}
+Tensor prefill_expand_cpu(const Tensor& hg, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                          const Tensor&, double, double) {
+  check_cuda("prefill_expand", "hg", hg);
+  return {};
+}
+void prefill_expand__cpu(Tensor&, const Tensor& hg, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                         double, double) {
+  check_cuda("prefill_expand_", "hg", hg);
+}
+DhOut prefill_bwd_dh_cpu(const Tensor& dy, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+                         const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                         const OptTensor&, double, double, double) {
+  check_cuda("prefill_bwd_dh", "dy", dy);
+  return {};
+}
+std::tuple<Tensor, Tensor> prefill_bwd_dx_cpu(const Tensor& dh, const Tensor&, const Tensor&, const Tensor&,
+                                              const Tensor&, const OptTensor&, const OptTensor&, bool) {
+  check_cuda("prefill_bwd_dx", "dh", dh);
+  return {};
+}
+
 }  // namespace
 }  // namespace proper
 
@@ -454,6 +832,23 @@ TORCH_LIBRARY(proper, m) {
       "Tensor? router_h, Tensor? user_A, Tensor? user_B, Tensor user_ids, float scaling, int top_k, "
       "float temperature, float user_scaling, bool check_indices=True) -> "
       "(Tensor y, Tensor logits, Tensor gates, Tensor indices, Tensor h, Tensor hu)");
+  m.def(
+      "prefill_shrink(Tensor x, Tensor x_lora, Tensor plan, Tensor lora_A, Tensor? router_x, Tensor? router_user, "
+      "Tensor? router_h, Tensor? user_A, int top_k, float temperature) -> "
+      "(Tensor h, Tensor hg, Tensor hu, Tensor logits, Tensor gates, Tensor indices)");
+  m.def(
+      "prefill_expand(Tensor hg, Tensor hu, Tensor plan, Tensor lora_B, Tensor? user_B, Tensor base, "
+      "float scaling, float user_scaling) -> Tensor");
+  m.def(
+      "prefill_expand_(Tensor(a!) base, Tensor hg, Tensor hu, Tensor plan, Tensor lora_B, Tensor? user_B, "
+      "float scaling, float user_scaling) -> ()");
+  m.def(
+      "prefill_bwd_dh(Tensor dy, Tensor plan, Tensor lora_B, Tensor? user_B, Tensor? router_h, Tensor h, "
+      "Tensor logits, Tensor gates, Tensor indices, Tensor? dgates, Tensor? dlogits, float scaling, "
+      "float user_scaling, float temperature) -> (Tensor dh, Tensor dlogits, Tensor dhu)");
+  m.def(
+      "prefill_bwd_dx(Tensor dh, Tensor dlogits, Tensor dhu, Tensor plan, Tensor lora_A, Tensor? router_x, "
+      "Tensor? user_A, bool split_router) -> (Tensor dx_lora, Tensor dx_router)");
 }
 
 TORCH_LIBRARY_IMPL(proper, CUDA, m) {
@@ -463,6 +858,11 @@ TORCH_LIBRARY_IMPL(proper, CUDA, m) {
   m.impl("bgmv_shrink", &proper::bgmv_shrink_cuda);
   m.impl("bgmv_expand", &proper::bgmv_expand_cuda);
   m.impl("proper_decode", &proper::proper_decode_cuda);
+  m.impl("prefill_shrink", &proper::prefill_shrink_cuda);
+  m.impl("prefill_expand", &proper::prefill_expand_cuda);
+  m.impl("prefill_expand_", &proper::prefill_expand__cuda);
+  m.impl("prefill_bwd_dh", &proper::prefill_bwd_dh_cuda);
+  m.impl("prefill_bwd_dx", &proper::prefill_bwd_dx_cuda);
 }
 TORCH_LIBRARY_IMPL(proper, CPU, m) {
   m.impl("fill_", &proper::fill_cpu);
@@ -471,6 +871,11 @@ TORCH_LIBRARY_IMPL(proper, CPU, m) {
   m.impl("bgmv_shrink", &proper::bgmv_shrink_cpu);
   m.impl("bgmv_expand", &proper::bgmv_expand_cpu);
   m.impl("proper_decode", &proper::proper_decode_cpu);
+  m.impl("prefill_shrink", &proper::prefill_shrink_cpu);
+  m.impl("prefill_expand", &proper::prefill_expand_cpu);
+  m.impl("prefill_expand_", &proper::prefill_expand__cpu);
+  m.impl("prefill_bwd_dh", &proper::prefill_bwd_dh_cpu);
+  m.impl("prefill_bwd_dx", &proper::prefill_bwd_dx_cpu);
 }
 TORCH_LIBRARY_IMPL(proper, Meta, m) {
   m.impl("fill_", &proper::fill_meta);
@@ -479,6 +884,11 @@ TORCH_LIBRARY_IMPL(proper, Meta, m) {
   m.impl("bgmv_shrink", &proper::bgmv_shrink_meta);
   m.impl("bgmv_expand", &proper::bgmv_expand_meta);
   m.impl("proper_decode", &proper::proper_decode_meta);
+  m.impl("prefill_shrink", &proper::prefill_shrink_meta);
+  m.impl("prefill_expand", &proper::prefill_expand_meta);
+  m.impl("prefill_expand_", &proper::prefill_expand__meta);
+  m.impl("prefill_bwd_dh", &proper::prefill_bwd_dh_meta);
+  m.impl("prefill_bwd_dx", &proper::prefill_bwd_dx_meta);
 }
 
 // An empty Python module, so that `import proper_kernels._C` loads this library

@@ -49,13 +49,70 @@ struct DecodeLaunch {
   void* y;
   float *logits, *gates, *h, *hu;
   int64_t* indices;
+  float *part1, *part2;  // workspaces [splits, T, E + r_u] and [splits, T, k * r]
   int64_t n_tokens;
-  int in, out, E, r, k, r_u, num_users;
+  int in, out, E, r, k, r_u, num_users, splits;
+  bool vec, vec_r, vec_ru;  // 16-byte loads along in, r and r_u
   float scaling, user_scaling, inv_temperature;
 };
 
 template <typename Tag>
 void launch_proper_decode(const DecodeLaunch& args, cudaStream_t stream);
+
+// The tensor-core prefill kernels (csrc/prefill.cuh). `plan` is the batch plan [6, T].
+struct ShrinkLaunch {
+  const void *x, *xl, *A, *Wx, *R, *Wh, *UA;
+  const int64_t* plan;
+  float *h, *hu, *logits, *gates;
+  void* hg;
+  int64_t* indices;
+  int64_t T;
+  int in, E, r, k, r_u, num_users, r_rows;  // r_rows: rows of R (num_users + 1)
+  float inv_temperature;
+};
+
+struct ExpandLaunch {
+  const void *hg, *B, *UB, *base;
+  const float* hu;
+  const int64_t* plan;
+  void* y;
+  int64_t T;
+  int out, E, r, r_u, num_users;
+  float scaling, user_scaling;
+};
+
+struct BwdDhLaunch {
+  const void *dy, *B, *UB, *Wh;
+  const int64_t* plan;
+  const float *h, *logits, *gates, *dgates_ext, *dlogits_ext;
+  const int64_t* indices;
+  void* dh;
+  float *dlogits, *dhu;
+  int64_t T;
+  int out, E, r, k, r_u, num_users;
+  float scaling, user_scaling, inv_temperature;
+};
+
+struct BwdDxLaunch {
+  const void *dh, *A, *Wx, *UA;
+  const float *dlogits, *dhu;
+  const int64_t* plan;
+  void *dx_lora, *dx_router;  // dx_router null: the router term goes into dx_lora
+  int64_t T;
+  int in, E, r, r_u, num_users;
+};
+
+template <typename Tag>
+void launch_prefill_shrink(const ShrinkLaunch& args, cudaStream_t stream);
+template <typename Tag>
+void launch_prefill_expand(const ExpandLaunch& args, cudaStream_t stream);
+template <typename Tag>
+void launch_prefill_bwd_dh(const BwdDhLaunch& args, cudaStream_t stream);
+template <typename Tag>
+void launch_prefill_bwd_dx(const BwdDxLaunch& args, cudaStream_t stream);
+
+// Largest column space (E r + E + r_u, each padded to 8) of the prefill shrink and bwd_dh.
+constexpr int kPrefillMaxColumns = 256;
 
 // Largest number of experts the warp-per-token router handles.
 constexpr int kMaxExperts = 1024;

@@ -270,7 +270,7 @@ def proper_linear(
             raise ValueError("sparse_user_grad=True needs backend='triton' or 'torch' (sparse bank gradients), "
                              "got 'cuda'")
         name = "triton" if _REGISTRY["triton"].available(x.device, x.dtype) is None else "torch"
-    extra = {"plan": plan} if name == "triton" else {}
+    extra = {"plan": plan} if name in ("triton", "cuda") else {}
     x_lora = F.dropout(x, dropout, training=True) if (training and dropout > 0) else x
     y, routing = _REGISTRY[name].proper_linear(
         x,

@@ -1,15 +1,21 @@
 """The CUDA backend (csrc/ ops) against the float64 reference, forward and every gradient.
 
 Needs a GPU and the built extension: marked `gpu`, skipped (and listed as skipped) elsewhere.
-Poisoning: the caching allocator is first filled with NaN blocks that the ops' outputs then
-reuse, so an element a kernel leaves unwritten shows up as NaN.
+Poisoning is deterministic: with deterministic algorithms on and
+torch.utils.deterministic.fill_uninitialized_memory set, every torch.empty (the ops' outputs
+and workspaces included, which come from at::empty) is filled with NaN (ints: their
+maximum), so an element a kernel leaves unwritten fails the comparison.
+
+Paths: the tensor-core prefill kernels (training, and inference past DECODE_MAX_TOKENS), the
+decode kernels (inference on few tokens: checked forward only, under no_grad), and the
+BGMV kernels for shapes wider than the tensor-core kernels hold.
 """
 
 import pytest
 import torch
 
 import proper_kernels
-from kernel_checks import check, grid, rel_err
+from kernel_checks import TOL, cast, check, grid, rel_err
 from proper_kernels import reference
 from test_reference import make_case
 
@@ -26,27 +32,67 @@ DEVICE = "cuda"
 
 @pytest.fixture(autouse=True)
 def poison():
-    """Leave NaN-filled blocks of many sizes in the caching allocator for outputs to reuse."""
-    torch.cuda.synchronize()
-    blocks = [torch.full((n,), float("nan"), device=DEVICE) for n in (1 << s for s in range(4, 22))]
-    del blocks
+    """Every fresh allocation of the test is filled with NaN (deterministic poisoning)."""
+    was = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)  # index_add_ has no deterministic CUDA kernel
+    torch.utils.deterministic.fill_uninitialized_memory = True
     yield
+    torch.use_deterministic_algorithms(was[0])
+    torch.utils.deterministic.fill_uninitialized_memory = was[1]
 
 
 def run_cuda(**kw):
     return cuda_backend.proper_linear(**kw)
 
 
+def check_forward(case, dtype, **kw):
+    """Inference (no_grad) forward against the float64 reference."""
+    low = cast(case, dtype, DEVICE)
+    with torch.no_grad():
+        y, routing = cuda_backend.proper_linear(**dict(low, **kw))
+    hi = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in low.items()}
+    y64, r64 = reference.proper_linear(**hi)
+    tol = TOL[dtype]
+    weighty = r64.gates > 1e-6
+    assert torch.equal(routing.indices[weighty], r64.indices[weighty])
+    assert rel_err(routing.gates, r64.gates) <= tol
+    assert rel_err(routing.logits, r64.logits) <= tol
+    assert rel_err(y, y64) <= tol
+
+
 @pytest.mark.parametrize("T,d_in,d_out,E,k,r,r_u,sources,cold", grid())
-def test_fp32_decode_kernel_matches_reference(T, d_in, d_out, E, k, r, r_u, sources, cold):
+def test_fp32_decode_kernels_match_reference(T, d_in, d_out, E, k, r, r_u, sources, cold):
     case = make_case(T * 7 + E * 3 + r, T, d_in, d_out, E, k, r, r_u, 6, sources, cold=cold)
+    check_forward(case, torch.float32)
+
+
+@pytest.mark.parametrize("T,d_in,d_out,E,k,r,r_u,sources,cold", grid())
+def test_fp32_tensor_core_path_matches_reference(T, d_in, d_out, E, k, r, r_u, sources, cold):
+    """Training (inputs need grads) always takes the prefill kernels when the shape fits."""
+    assert cuda_backend.tensor_core_fits(E, r, r_u, True)
+    case = make_case(T * 5 + E + r, T, d_in, d_out, E, k, r, r_u, 6, sources, cold=cold)
     check(case, torch.float32, DEVICE, run_cuda)
 
 
 @pytest.mark.parametrize("T,d_in,d_out,E,k,r,r_u,sources,cold", grid()[::3])
-def test_fp32_prefill_path_matches_reference(T, d_in, d_out, E, k, r, r_u, sources, cold, monkeypatch):
-    monkeypatch.setattr(cuda_backend, "DECODE_MAX_TOKENS", 0)  # force the shrink/expand halves
-    case = make_case(T * 5 + E + r, T, d_in, d_out, E, k, r, r_u, 6, sources, cold=cold)
+def test_fp32_prefill_inference_matches_reference(T, d_in, d_out, E, k, r, r_u, sources, cold, monkeypatch):
+    monkeypatch.setattr(cuda_backend, "DECODE_MAX_TOKENS", 0)
+    case = make_case(T * 3 + E + r, T, d_in, d_out, E, k, r, r_u, 6, sources, cold=cold)
+    check_forward(case, torch.float32)
+    check_forward(case, torch.float32, inplace=True)
+
+
+@pytest.mark.parametrize("T,d_in,d_out,E,k,r,r_u,sources,cold", grid()[::3])
+def test_fp32_bgmv_path_matches_reference(T, d_in, d_out, E, k, r, r_u, sources, cold, monkeypatch):
+    """Shapes past the tensor-core kernels' columns run the per-token BGMV kernels."""
+    monkeypatch.setattr(cuda_backend, "PREFILL_MAX_COLUMNS", 0)
+    case = make_case(T * 5 + E + r + 1, T, d_in, d_out, E, k, r, r_u, 6, sources, cold=cold)
+    check(case, torch.float32, DEVICE, run_cuda)
+
+
+def test_wide_shape_takes_the_bgmv_path():
+    assert not cuda_backend.tensor_core_fits(64, 4, 16, True)
+    case = make_case(3, 70, 40, 24, 64, 8, 4, 16, 5, ("token", "user", "lora"))
     check(case, torch.float32, DEVICE, run_cuda)
 
 
@@ -58,13 +104,18 @@ def test_fp32_prefill_path_matches_reference(T, d_in, d_out, E, k, r, r_u, sourc
      (300, 130, 67, 16, 2, 4, 0, ("token",)), (33, 20, 9, 64, 8, 4, 8, ("lora",))],
 )
 def test_half_precision_matches_reference(dtype, T, d_in, d_out, E, k, r, r_u, sources, decode, monkeypatch):
-    if not decode:
-        monkeypatch.setattr(cuda_backend, "DECODE_MAX_TOKENS", 0)
+    """decode: the decode kernels' forward; else the tensor-core path, forward and gradients
+    (the bf16 and fp16 mma instructions), or the BGMV kernels where the shape is too wide."""
     case = make_case(11 + T + E, T, d_in, d_out, E, k, r, r_u, 6, sources)
     for name in ("lora_A", "lora_B", "user_A", "user_B"):
         if case[name] is not None:
             case[name] = case[name] * 0.3
-    check(case, dtype, DEVICE, run_cuda)
+    if decode:
+        check_forward(case, dtype)
+    else:
+        monkeypatch.setattr(cuda_backend, "DECODE_MAX_TOKENS", 0)
+        check(case, dtype, DEVICE, run_cuda)
+        check_forward(case, dtype)
 
 
 def test_per_sequence_ids_and_dropout_input():

@@ -1,0 +1,7 @@
+// Instantiates the tensor-core prefill forward (shrink, expand) kernels for one
+// storage type (F16); one file per (pass, type) so that the build compiles them in parallel.
+#include "launch.cuh"
+
+namespace proper {
+PROPER_INSTANTIATE_PREFILL_FWD(F16)
+}  // namespace proper
