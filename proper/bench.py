@@ -1,6 +1,9 @@
 """`proper bench`: speed and memory of proper against what a user would otherwise run.
 
-    proper bench [--device cpu|cuda] [--quick] [--out DIR] [--repeats N]
+    proper bench [--device cpu|cuda] [--quick] [--out DIR] [--repeats N] [--table]
+
+On CUDA it first times each backend per phase and writes the table that backend="auto"
+reads on this GPU (proper_kernels.auto_table; --table does only that).
 
 Writes ``<DIR>/<device>-<date>.json`` (default DIR: benchmarks/results), the markdown table
 next to it (.md) and PNG plots (``-tokens.png``, ``-users.png``, ``-experts.png``: time of one
@@ -724,6 +727,19 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "device"
 
 
+def measure_auto_table(dev: torch.device, quick: bool, log: Callable[[str], None] = print) -> list:
+    """Time each backend per phase and write the auto table the dispatcher reads for this GPU
+    (proper_kernels.auto_table)."""
+    from proper_kernels import auto_table
+
+    rows = auto_table.measure(dev, quick=quick)
+    target = auto_table.write_measured(torch.cuda.get_device_name(dev), rows)
+    for r in rows:
+        log(f"auto table: {r.phase}: {r.backend} ({r.reason})")
+    log(f"auto table written to {target}")
+    return rows
+
+
 def run(device: str = "cpu", quick: bool = False, out: Optional[Path] = None, repeats: Optional[int] = None,
         compile: bool = True, log: Callable[[str], None] = print) -> dict:
     """Run the suite; returns the result dict (also written as JSON, markdown and PNGs)."""
@@ -741,6 +757,9 @@ def run(device: str = "cpu", quick: bool = False, out: Optional[Path] = None, re
     name = device_name(dev)
     log(f"proper bench on {name}, {dtype_name}, {'quick' if quick else 'full'}, {rounds} rounds")
     peaks = measure_peaks(dev, dtype, quick)
+    auto_rows = []
+    if dev.type == "cuda":  # first, so that the "proper" rows below run on the measured choice
+        auto_rows = [vars(r) for r in measure_auto_table(dev, quick, log)]
     rows = run_op(dev, dtype, dtype_name, quick, rounds, compile_ok, log)
     rows += run_block(dev, dtype, dtype_name, quick, rounds, log)
     model_rows, summary = run_model(dev, dtype, dtype_name, quick, rounds, compile_ok, log)
@@ -765,7 +784,7 @@ def run(device: str = "cpu", quick: bool = False, out: Optional[Path] = None, re
                                "time.perf_counter, variants interleaved per round after 2 warm-up rounds, "
                                "median/p20/p80"),
                      "threads": torch.get_num_threads()},
-        "summary": summary, "rows": rows, "seconds": None,
+        "summary": summary, "rows": rows, "auto_table": auto_rows, "seconds": None,
     }
     result["seconds"] = time.time() - t0
     out_dir = Path(out) if out is not None else Path("benchmarks") / "results"
@@ -809,8 +828,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--plan", action="store_true",
                    help="print the Triton launch plan of the goal cases with bytes, FLOPs and predicted H100 "
                         "time (proper bench --plan --help), instead of timing")
+    p.add_argument("--table", action="store_true",
+                   help="only measure the backend table that backend='auto' reads on this GPU, and write it")
     args = p.parse_args(argv)
     try:
+        if args.table:
+            if args.device != "cuda" or not torch.cuda.is_available():
+                raise RuntimeError("--table measures the GPU backends: it needs --device cuda and a CUDA device")
+            measure_auto_table(torch.device("cuda", torch.cuda.current_device()), args.quick)
+            return 0
         run(args.device, args.quick, args.out, args.repeats, compile=not args.no_compile)
     except RuntimeError as e:
         print(f"proper bench: {e}", file=sys.stderr)

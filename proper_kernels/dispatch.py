@@ -1,8 +1,10 @@
 """One public function per op, each with a ``backend=`` argument.
 
-``backend="auto"`` picks the fastest backend available for the tensors' device; the choice
-is inspectable with :func:`select_backend` before a call and :func:`last_backend` after
-one, and logged at DEBUG level. Asking for a backend that is not available raises an error
+``backend="auto"`` picks the fastest backend available for the tensors' device, the call's
+phase (decode, prefill, training) and its number of tokens, by the table of
+``proper_kernels.auto_table``; the choice is inspectable with :func:`select_backend`
+(``explain=True`` gives the reason) before a call and :func:`last_backend` after one, and
+logged at DEBUG level. Asking for a backend that is not available raises an error
 that says why, never a silent fallback.
 """
 
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _checks, cuda_backend, reference
+from . import _checks, auto_table, cuda_backend, reference
 from .plan import BatchPlan, check_plan
 from .reference import Routing
 
@@ -103,8 +105,9 @@ _REGISTRY: dict[str, Backend] = {
     ),
 }
 
-# Order in which "auto" tries backends on a GPU, fastest first. On the CPU "auto" is the
-# torch backend: the Triton interpreter is for testing, not for speed.
+# The order of available_backends, and the fallback of "auto" on a GPU when no row of the
+# auto table (proper_kernels.auto_table) names an available backend. On the CPU "auto" is
+# the torch backend: the Triton interpreter is for testing, not for speed.
 _AUTO_ORDER = ("cuda", "triton", "torch")
 
 _last: dict[str, str] = {}
@@ -117,20 +120,47 @@ def available_backends(device: Union[str, torch.device] = "cpu", dtype: Optional
 
 
 def select_backend(
-    backend: str, device: Union[str, torch.device], dtype: Optional[torch.dtype] = None
-) -> str:
-    """The backend a call with ``backend=`` on tensors of `device`/`dtype` will use, or an error."""
+    backend: str,
+    device: Union[str, torch.device],
+    dtype: Optional[torch.dtype] = None,
+    *,
+    phase: str = "prefill",
+    tokens: Optional[int] = None,
+    explain: bool = False,
+):
+    """The backend a call with ``backend=`` on tensors of `device`/`dtype` will use, or an error.
+
+    On a GPU, ``"auto"`` follows ``proper_kernels.auto_table`` for the call's `phase`
+    ("decode", "prefill", "train" or "router") and number of `tokens`: the measured table of
+    this GPU when ``proper bench --device cuda`` wrote one, else the default table. With
+    ``explain=True`` it returns ``(backend, reason)``, the reason in words."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device = torch.device(device)
-    if backend == "auto":
-        if device.type != "cuda":
-            return "torch"
-        return available_backends(device, dtype)[0]
-    why = _REGISTRY[backend].available(device, dtype)
-    if why is not None:
-        raise RuntimeError(f"backend={backend!r} cannot run on {device}" + (f" {dtype}" if dtype else "") + f": {why}")
-    return backend
+    if backend != "auto":
+        why = _REGISTRY[backend].available(device, dtype)
+        if why is not None:
+            raise RuntimeError(f"backend={backend!r} cannot run on {device}" + (f" {dtype}" if dtype else "") +
+                               f": {why}")
+        return (backend, "asked for by name") if explain else backend
+    if device.type != "cuda":
+        name, reason = "torch", f"auto on {device.type}: the torch reference (the Triton interpreter is for tests)"
+    else:
+        name = reason = None
+        skipped = []
+        for row in auto_table.lookup(device, phase, tokens):
+            why = _REGISTRY[row.backend].available(device, dtype)
+            if why is None:
+                name, reason = row.backend, row.reason
+                break
+            skipped.append(f"{row.backend} ({why})")
+        if name is None:
+            name = available_backends(device, dtype)[0]
+            reason = "the first available backend"
+        if skipped:
+            reason += "; passed over: " + ", ".join(skipped)
+        reason = f"auto, {phase}" + (f" at {tokens} tokens" if tokens is not None else "") + f": {reason}"
+    return (name, reason) if explain else name
 
 
 def last_backend(op: str = "proper_linear") -> Optional[str]:
@@ -154,7 +184,7 @@ def router_topk(logits: Tensor, top_k: int, temperature: float = 1.0, *, backend
     _check_topk(top_k, logits.shape[1], temperature)
     if _checks.check_mode():
         _checks.finite("logits", logits)
-    name = select_backend(backend, logits.device, logits.dtype)
+    name = select_backend(backend, logits.device, logits.dtype, phase="router", tokens=logits.shape[0])
     out = _REGISTRY[name].router_topk(logits, top_k, temperature)
     _record("router_topk", name)
     return out
@@ -264,7 +294,13 @@ def proper_linear(
     checking = _checks.check_mode()
     if checking:
         _checks.finite("x", x)
-    name = select_backend(backend, x.device, x.dtype)
+    tokens = x.numel() // d_in if d_in else 0
+    tensors = (x, base_out, lora_A, lora_B, router_x, router_user, router_h, user_A, user_B)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        phase = "train"
+    else:
+        phase = "decode" if tokens <= auto_table.DECODE_TOKENS else "prefill"
+    name = select_backend(backend, x.device, x.dtype, phase=phase, tokens=tokens)
     if sparse_user_grad and name == "cuda":
         if backend != "auto":
             raise ValueError("sparse_user_grad=True needs backend='triton' or 'torch' (sparse bank gradients), "

@@ -149,7 +149,7 @@ def test_router_topk_matches_reference(E, k, dtype):
 
 
 def test_dispatcher_picks_cuda_and_index_checks_name_the_argument():
-    assert proper_kernels.select_backend("auto", DEVICE, torch.bfloat16) == "cuda"
+    assert proper_kernels.select_backend("auto", DEVICE, torch.bfloat16, phase="decode", tokens=64) == "cuda"
     x = torch.randn(4, 8, device=DEVICE)
     w = torch.randn(3, 2, 8, device=DEVICE)
     with pytest.raises(RuntimeError, match="'indices' contains 3"):
