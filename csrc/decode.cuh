@@ -35,6 +35,7 @@ __device__ __forceinline__ float warp_dot(const T* __restrict__ w, const T* __re
   constexpr int kVec = 16 / sizeof(T);
   float acc = 0.f;
   if (vec) {
+#pragma unroll 4  // four 16-byte loads of each operand in flight per lane
     for (int i = lo + lane * kVec; i < hi; i += kWarp * kVec) {
       Vec<T> a, b;
       a.raw = *reinterpret_cast<const uint4*>(w + i);
@@ -83,7 +84,7 @@ __device__ __forceinline__ int64_t known_user(const DecodeLaunch& a, int64_t t) 
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) decode_router_kernel(DecodeLaunch a) {
+__global__ void __launch_bounds__(kThreads, 2) decode_router_kernel(DecodeLaunch a) {
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int64_t t = blockIdx.x;
   const int s = blockIdx.y;
@@ -107,7 +108,7 @@ __global__ void __launch_bounds__(kThreads) decode_router_kernel(DecodeLaunch a)
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) decode_shrink_kernel(DecodeLaunch a) {
+__global__ void __launch_bounds__(kThreads, 2) decode_shrink_kernel(DecodeLaunch a) {
   extern __shared__ __align__(16) unsigned char smem[];
   float* sum = reinterpret_cast<float*>(smem);  // [E + r_u]: logits, then h_u
   float* p = sum + a.E + a.r_u;                 // [E]
@@ -166,7 +167,7 @@ __global__ void __launch_bounds__(kThreads) decode_shrink_kernel(DecodeLaunch a)
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) decode_expand_kernel(DecodeLaunch a) {
+__global__ void __launch_bounds__(kThreads, 2) decode_expand_kernel(DecodeLaunch a) {
   extern __shared__ __align__(16) unsigned char smem[];
   float* h = reinterpret_cast<float*>(smem);  // [k r]
   float* hu = h + a.k * a.r;                   // [r_u]

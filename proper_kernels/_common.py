@@ -29,10 +29,13 @@ def bank_grad(left: Tensor, right: Tensor, uid: Tensor, groups: Optional[int], n
     a row (id -1) add zeros to row 0: no boolean indexing, so no host sync."""
     out = torch.zeros(n_users, left.shape[1], right.shape[1], device=left.device, dtype=torch.float32)
     if groups is not None:
+        # One batched GEMM in the data's dtype (cuBLAS accumulates in fp32): the [T, in] side is
+        # read once, with no fp32 copy of it.
         L = left.shape[0] // groups
         rows = uid.reshape(groups, L)[:, 0]
-        per = torch.bmm(left.float().reshape(groups, L, -1).transpose(1, 2), right.reshape(groups, L, -1).float())
-        per = per * (rows >= 0).to(per.dtype)[:, None, None]
+        dt = right.dtype if right.dtype != torch.float32 else left.dtype
+        per = torch.bmm(left.to(dt).reshape(groups, L, -1).transpose(1, 2), right.to(dt).reshape(groups, L, -1))
+        per = per.float() * (rows >= 0).to(torch.float32)[:, None, None]
         return out.index_add_(0, rows.clamp(min=0), per)
     chunk = max(1, (1 << 24) // max(1, left.shape[1] * right.shape[1]))
     for i in range(0, left.shape[0], chunk):
@@ -49,8 +52,8 @@ def router_and_bank_grads(dlogits, dhu, dy2, x2, xl2, hu, uid, groups, router_x,
     d h_u [T, r_u] (fp32), as GEMMs and scatters over the T tokens."""
     grads: dict[str, Tensor] = {}
     has_u = user_A is not None and user_A.shape[1] > 0
-    if router_x is not None and needs["router_x"]:
-        grads["router_x"] = (dlogits.t() @ x2.float()).to(router_x.dtype)
+    if router_x is not None and needs["router_x"]:  # in x's dtype: no fp32 copy of x
+        grads["router_x"] = (dlogits.to(x2.dtype).t() @ x2).to(router_x.dtype)
     if router_user is not None and needs["router_user"]:
         rows = torch.where(uid >= 0, uid, router_user.shape[0] - 1)
         table = torch.zeros(router_user.shape, device=dlogits.device, dtype=torch.float32)

@@ -17,7 +17,10 @@ is specialised the way Triton's JIT specialises it and compiled with ``triton.co
 It fails (exit 1) on a compile error, a spill or any local memory, shared memory past the
 target's limit, a 16-bit dot off the tensor cores, and a prefill expert or user dot that is
 not wgmma on sm_90. (fp32 inputs run IEEE fp32 dots on CUDA cores unless TF32 is allowed;
-``--full`` reports them.) It writes one row per kernel, case, dtype and target to ``--out``
+``--full`` reports them.) With ``--cuda`` it also runs the gate of the built CUDA extension
+(``proper_kernels.cuda_gate``: tensor-core instructions in every 16-bit prefill kernel, no
+stack or local memory) and fails if the extension is not built; without it, a built
+extension is gated all the same. It writes one row per kernel, case, dtype and target to ``--out``
 (default ``benchmarks/results/kernels-sm90-sm80.md``). Builds are cached (Triton's own
 cache, plus the resource reads under ``~/.cache/proper/compile_check``); bf16 and fp16 by
 default, fp32 too with ``--full``. Run it without TRITON_INTERPRET.
@@ -214,6 +217,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--full", action="store_true", help="fp32 too")
     parser.add_argument("--out", default="benchmarks/results/kernels-sm90-sm80.md", help="the table to write")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes")
+    parser.add_argument("--cuda", action="store_true",
+                        help="also gate the built CUDA extension (proper_kernels.cuda_gate); fail if it is not built")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("compile_check: run it without TRITON_INTERPRET=1 (it compiles for the GPU)", file=sys.stderr)
@@ -237,11 +242,23 @@ def main(argv: Optional[list[str]] = None) -> int:
               + ".")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(table(rows, header))
+    text = table(rows, header)
+    from . import cuda_gate
+
+    cuda_rows, cuda_failures = cuda_gate.check()
+    if cuda_rows or args.cuda:
+        text += "\n" + cuda_gate.table(cuda_rows, cuda_failures)
+    else:
+        text += "\n## CUDA extension (proper_kernels._C)\n\nNot built here, so not gated.\n"
+        cuda_failures = []
+    out.write_text(text)
     for r in failing:
         print(f"FAIL {r['kernel']} {r['case']} {r['dtype']} {r['target']}: {'; '.join(problems(r))}", file=sys.stderr)
-    print(f"compile_check: {len(rows)} builds, {len(failing)} failing; table in {out}")
-    return 1 if failing else 0
+    for f in cuda_failures:
+        print(f"FAIL CUDA extension: {f}", file=sys.stderr)
+    print(f"compile_check: {len(rows)} Triton builds, {len(failing)} failing; CUDA extension: {len(cuda_rows)} "
+          f"kernels x targets, {len(cuda_failures)} failing; table in {out}")
+    return 1 if failing or cuda_failures else 0
 
 
 if __name__ == "__main__":

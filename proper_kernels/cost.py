@@ -87,6 +87,64 @@ def record_call(c: Case, dtype_name: str = "bfloat16", target: str = "sm90") -> 
     return launches[:n_fwd], launches[n_fwd:]
 
 
+def _pad8(n: int) -> int:
+    return (n + 7) // 8 * 8
+
+
+def record_cuda_call(c: Case, dtype_name: str = "bfloat16", target: str = "sm90") -> tuple[list, list]:
+    """(forward launches, backward launches) of one call on the CUDA backend's tensor-core
+    path (csrc/prefill.cuh; proper_kernels/cuda_backend.py), with every router and the user
+    bank on. The CUDA launchers are C++, so this is their model, kept beside them: the grids
+    are the launchers' (64-token tiles; 128 outputs or inputs per CTA), and the bytes count
+    each tensor a kernel touches once, as for the Triton records (weights and side buffers
+    that other CTAs re-read come from L2). Decode shapes run the decode kernels instead."""
+    from .launch import External
+
+    b = _size(dtype_name)
+    T, i, o, E, k, r, ru, U = c.T, c.d_in, c.d_out, c.E, c.k, c.r, c.r_u, c.users
+    er = E * r
+    tiles = -(-T // 64)
+    runs = tiles + U  # user runs met by the tiles: one per tile, plus one more per user boundary
+    bank_in, bank_out = U * ru * i * b, U * ru * o * b
+    plan = 8 * T
+
+    def rec(name, grid, nbytes, flops, note):
+        return External(name, int(nbytes), int(flops), grid, note)
+
+    cols = _pad8(er) + _pad8(E)
+    fwd = [
+        rec("prefill_shrink", (tiles,),
+            b * T * i + b * (er + E) * i + bank_in + b * U * E + b * E * ru + 3 * plan
+            + T * (4 * er + b * er + 4 * ru + 4 * E + 12 * k),
+            2 * T * i * cols + 2 * 64 * runs * i * _pad8(ru),
+            "h = x A_all^T, logits = x W_x^T, h_u per user run (mma.sync); routing in the epilogue"),
+        rec("prefill_expand", (tiles, -(-o // 128)),
+            b * T * er + 4 * T * ru + 2 * b * T * o + b * er * o + bank_out + 2 * plan,
+            2 * T * o * er + 2 * 64 * runs * o * ru,
+            "y = base + s_g (g h) B_all + s_u h_u B^u (mma.sync), in place"),
+    ]
+    bwd = [
+        rec("prefill_bwd_dh", (tiles,),
+            b * T * o + b * er * o + bank_out + b * E * ru + 3 * plan
+            + T * (4 * er + 4 * E + 4 * k + 8 * k + 4 * k) + T * (b * er + 4 * E + 4 * ru),
+            2 * T * o * _pad8(er) + 2 * 64 * runs * o * _pad8(ru),
+            "d(g h) = s_g dy B_all, dh_u per run (mma.sync); router backward in the epilogue"),
+        rec("prefill_bwd_dx", (tiles, -(-i // 128)),
+            T * (b * er + 4 * E + 4 * ru) + b * (er + E) * i + bank_in + 2 * plan + b * T * i,
+            2 * T * i * (er + E) + 2 * 64 * runs * i * ru,
+            "dx = dh A_all + dlogits W_x + dh_u A^u (mma.sync)"),
+        rec("dA, dW_x", (), b * T * (er + E + i) + 4 * T * E + b * (er + E) * i, 2 * T * (er + E) * i,
+            "[dh | dlogits]^T x, one GEMM (cuBLAS)"),
+        rec("dB", (), b * T * (o + er) + b * er * o, 2 * T * er * o, "dy^T (g h) (cuBLAS)"),
+        rec("d router_user, d W_h", (), 4 * T * E * 2 + 4 * T * ru, 2 * T * E * ru, "index_add, GEMM"),
+        rec("d user_A", (), (4 + 2 * b) * T * ru + b * T * i + 4 * U * ru * i * 2, 2 * T * ru * i,
+            "per-sequence bmm of dh_u and x (cuBLAS)"),
+        rec("d user_B", (), b * T * o + (4 + 2 * b) * T * ru + 4 * U * ru * o * 2, 2 * T * ru * o,
+            "per-sequence bmm of dy and h_u (cuBLAS)"),
+    ]
+    return fwd, bwd
+
+
 def _size(dtype_name: str) -> int:
     return 4 if dtype_name == "float32" else 2
 
@@ -130,9 +188,10 @@ def naive_loop_cost(c: Case, dtype_name: str = "bfloat16") -> tuple[int, int]:
     return c.E * per_expert + users, flops
 
 
-def plan_report(c: Case, dtype_name: str = "bfloat16", target: str = "sm90", gpu: dict = H100) -> dict:
+def plan_report(c: Case, dtype_name: str = "bfloat16", target: str = "sm90", gpu: dict = H100,
+                backend: str = "triton") -> dict:
     """Launches with bytes, FLOPs and roofline time, the totals, the floor and the ratios."""
-    fwd, bwd = record_call(c, dtype_name, target)
+    fwd, bwd = (record_cuda_call if backend == "cuda" else record_call)(c, dtype_name, target)
 
     def rows(launches):
         out = []
@@ -158,7 +217,7 @@ def plan_report(c: Case, dtype_name: str = "bfloat16", target: str = "sm90", gpu
     naive_t = lin_t["forward"] + roofline_s(*naive_loop_cost(c, dtype_name), dtype_name, gpu)
     layer_fb = lin_t["forward"] + lin_t["dx"] + f_time + b_time
     return dict(
-        case=c, dtype=dtype_name, target=target, gpu=gpu["name"], forward=f_rows, backward=b_rows,
+        case=c, dtype=dtype_name, target=target, gpu=gpu["name"], backend=backend, forward=f_rows, backward=b_rows,
         forward_bytes=f_bytes, backward_bytes=b_bytes, floor=floor,
         forward_vs_floor=f_bytes / floor["forward"], backward_vs_floor=b_bytes / floor["backward"],
         linear_s=lin_t, op_forward_s=f_time, op_backward_s=b_time,
@@ -228,16 +287,25 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     p.add_argument("--case", choices=[c.name for c in CASES], action="append", help="one case (repeatable)")
     p.add_argument("--out", default=None, help="also write the tables to this markdown file")
+    p.add_argument("--backend", choices=("triton", "cuda"), default="triton",
+                   help="whose launches: the Triton backend's (recorded) or the CUDA tensor-core path's (modelled)")
     args = p.parse_args(argv)
     cases = [case(n) for n in args.case] if args.case else list(CASES)
+    if args.backend == "cuda":  # the tensor-core path: prefill shapes within its columns
+        cases = [c for c in cases if not c.per_token and _pad8(c.E * c.r) + _pad8(c.E) + _pad8(c.r_u) <= 256]
     gpu = GPUS[args.target]
     text = (f"# Launch plan of the fused op, predicted for an {gpu['name']} (roofline: "
             f"{gpu['tensor_flops'] / 1e12:.0f} TFLOP/s 16-bit, {gpu['bandwidth'] / 1e12:.2f} TB/s)\n\n"
             "`proper bench --plan" + (f" --target {args.target}" if args.target != "sm90" else "")
-            + (f" --dtype {args.dtype}" if args.dtype != "bfloat16" else "") + "`. The launches are the ones the "
-            "Triton backend makes on a GPU of the target (recorded from the real host code on meta tensors); "
-            "bytes count each tensor a launch touches once; times are max(bytes / bandwidth, FLOPs / peak), "
-            "predictions, not measurements.\n\n" + markdown([plan_report(c, args.dtype, args.target, gpu) for c in cases]))
+            + (f" --dtype {args.dtype}" if args.dtype != "bfloat16" else "")
+            + (" --backend cuda" if args.backend == "cuda" else "") + "`. "
+            + ("The launches are the ones the Triton backend makes on a GPU of the target (recorded from the real "
+               "host code on meta tensors); " if args.backend == "triton" else
+               "The launches are the CUDA backend's tensor-core path (prefill cases only), from the model of its "
+               "C++ launchers in proper_kernels.cost.record_cuda_call; ")
+            + "bytes count each tensor a launch touches once; times are max(bytes / bandwidth, FLOPs / peak), "
+            "predictions, not measurements.\n\n"
+            + markdown([plan_report(c, args.dtype, args.target, gpu, args.backend) for c in cases]))
     print(text)
     if args.out:
         from pathlib import Path

@@ -236,13 +236,20 @@ class _PrefillLinear(torch.autograd.Function):
         else:
             dx = dxr.reshape(x_shape) if router_x is not None else None
             dx_lora = dxl.reshape(xl_shape)
-        dA = dB = None
-        if needs["lora_A"]:  # cuBLAS: [E r, T] @ [T, in]
+        dA = dB = dWx = None
+        if same_x and needs["lora_A"] and needs["router_x"] and router_x is not None:
+            # one cuBLAS GEMM over x for both: [E r + E, T] @ [T, in]
+            both = torch.cat([dh, dlogits.to(dh.dtype)], 1).t() @ xl2
+            dA, dWx = both[: E * r].reshape(A.shape), both[E * r:].to(router_x.dtype)
+            needs = dict(needs, router_x=False)
+        elif needs["lora_A"]:  # [E r, T] @ [T, in]
             dA = (dh.t() @ xl2).reshape(A.shape)
         if needs["lora_B"]:  # [out, T] @ [T, E r]
             dB = ((dy2.t() @ hg) * scaling).reshape(B.shape[1], E, r).permute(1, 0, 2).to(B.dtype)
         g = router_and_bank_grads(dlogits, dhu, dy2, x2, xl2, hu, uid, groups, router_x, router_user, router_h,
                                   UA, UB, user_scaling, needs)
+        if dWx is not None:
+            g["router_x"] = dWx
         dbase = dy if ctx.needs_input_grad[2] else None
         return (dx, dx_lora, dbase, dA, dB, g.get("router_x"), g.get("router_user"), g.get("router_h"),
                 g.get("user_A"), g.get("user_B"), None, None, None, None, None, None, None, None)

@@ -19,6 +19,29 @@ def test_prefill_forward_moves_at_most_1_1x_its_floor(dtype):
     assert names == ["_shrink", "_expand"]
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_cuda_prefill_forward_moves_at_most_1_1x_its_floor(dtype):
+    rep = cost.plan_report(cost.case("prefill"), dtype, "sm90", backend="cuda")
+    assert rep["forward_vs_floor"] <= 1.1, rep["forward_vs_floor"]
+    assert [r["kernel"] for r in rep["forward"]] == ["prefill_shrink", "prefill_expand"]
+    assert rep["forward"][0]["ctas"] == 128 and rep["forward"][1]["ctas"] == 128 * 32
+
+
+def test_cuda_plan_model_uses_the_kernels_tile_sizes():
+    """record_cuda_call models C++ launchers; its tiles must be the ones csrc/ uses."""
+    import re
+    from pathlib import Path
+
+    src = (Path(cost.__file__).parent.parent / "csrc")
+    tc, pf = (src / "tc.cuh").read_text(), (src / "prefill.cuh").read_text()
+    assert re.search(r"constexpr int kTileM = 64;", tc)
+    assert re.search(r"constexpr int kOutTile = 128;", pf)
+    assert re.search(r"constexpr int kMaxCols = 256;", pf)
+    fwd, bwd = cost.record_cuda_call(cost.case("prefill"))
+    assert [ln.grid for ln in fwd] == [(128,), (128, 32)]
+    assert [ln.grid for ln in bwd[:2]] == [(128,), (128, 32)]
+
+
 @pytest.mark.parametrize("target,sms", [("sm90", 132), ("sm80", 108)])
 def test_decode_shrink_and_expand_launch_a_cta_per_sm(target, sms):
     fwd, _ = cost.record_call(cost.case("decode"), "bfloat16", target)
@@ -123,3 +146,23 @@ def test_goal_benchmark_script_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     md = next(tmp_path.glob("goals-smoke-*.md")).read_text()
     assert "prefill-smoke" in md and "decode-smoke" in md
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bank_grad_per_sequence_matches_a_loop(dtype):
+    """The CUDA backend's bank-row gradients (one bmm in the data's dtype) against a loop."""
+    from proper_kernels._common import bank_grad
+
+    g = torch.Generator().manual_seed(0)
+    left = torch.randn(12, 3, generator=g)
+    right = torch.randn(12, 5, generator=g).to(dtype)
+    uid = torch.tensor([2, 2, 2, -1, -1, -1, 0, 0, 0, 2, 2, 2])
+    got = bank_grad(left, right, uid, 4, 3)
+    want = torch.zeros(3, 3, 5, dtype=torch.float64)
+    for s in range(4):
+        u = int(uid[3 * s])
+        if u >= 0:
+            want[u] += left[3 * s:3 * s + 3].double().t() @ right[3 * s:3 * s + 3].double()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (got.double() - want).abs().max() <= tol * want.abs().max()
+    assert torch.count_nonzero(got[1]) == 0
