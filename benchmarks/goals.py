@@ -4,9 +4,10 @@
 - its forward+backward against the plain layer's (goal <= 1.3x; the frozen base's forward +
   dx, and a trained nn.Linear's forward + dx + dW, both reported);
 - against a per-expert Python loop (goal >= 3x faster);
-- decode: the bandwidth the plan's bytes imply at the measured time (goal >= 70% of HBM).
+- decode: the bandwidth the plan's bytes imply at the measured time (goal >= 70% of HBM; for
+  the CUDA backend the floor's bytes), and the naive loop / layer (CUDA decode goal >= 8x).
 
-    python -m benchmarks.goals [--out DIR] [--smoke]
+    python -m benchmarks.goals [--out DIR] [--smoke] [--backend triton|cuda|auto]
 
 Each row also carries the roofline prediction of ``proper bench --plan``. ``--smoke`` runs
 tiny shapes on the CPU (the torch backend) so the script itself stays tested without a GPU;
@@ -122,15 +123,19 @@ def measure(c: cost.Case, device: torch.device, dtype: torch.dtype, backend: str
         )
     times.update(linear_train=timer(linear_train, device, rounds), frozen_train=timer(frozen_train, device, rounds),
                  layer_train=timer(fused_train, device, rounds))
-    rep = cost.plan_report(c, {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32"), "sm90")
+    dtype_name = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")
+    rep = cost.plan_report(c, dtype_name, "sm90")
     peak = peak_bandwidth(torch.cuda.get_device_name(device) if device.type == "cuda" else "")
+    # The bytes behind the bandwidth share: the Triton plan's for the Triton backend (recorded),
+    # the floor's for the others (x, base_out, y, the adapters and bank rows once).
+    moved = rep["forward_bytes"] if backend == "triton" else cost.floor_bytes(c, dtype_name)["forward"]
     return dict(
         case=c.name, times_s=times,
         layer_forward_vs_linear=times["layer_forward"] / times["linear_forward"],
         layer_train_vs_frozen_linear=times["layer_train"] / times["frozen_train"],
         layer_train_vs_trained_linear=times["layer_train"] / times["linear_train"],
         naive_vs_layer=times["naive_forward"] / times["layer_forward"],
-        op_bandwidth_fraction=rep["forward_bytes"] / times["op_forward"] / peak,
+        op_bandwidth_fraction=moved / times["op_forward"] / peak,
         predicted=dict(layer_forward_vs_linear=rep["layer_forward_vs_linear"],
                        layer_train_vs_frozen_linear=rep["layer_train_vs_frozen_linear"],
                        naive_vs_layer=rep["naive_forward_vs_layer"]),
@@ -158,6 +163,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (the script's own test)")
     p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--backend", choices=("triton", "cuda", "auto"), default="triton",
+                   help="the backend of the fused layer on the GPU")
     args = p.parse_args(argv)
     if args.smoke:
         device, dtype, backend, rounds = torch.device("cpu"), torch.float32, "torch", 1
@@ -168,7 +175,7 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             print("benchmarks.goals: needs a CUDA GPU (or --smoke)", file=sys.stderr)
             return 2
-        device, dtype, backend, rounds = torch.device("cuda"), torch.bfloat16, "triton", args.rounds
+        device, dtype, backend, rounds = torch.device("cuda"), torch.bfloat16, args.backend, args.rounds
         cases = [cost.case(n) for n in ("prefill", "decode", "down-proj", "rank4")]
         name = torch.cuda.get_device_name()
     import triton
@@ -178,7 +185,7 @@ def main(argv=None) -> int:
                                                  cuda=str(torch.version.cuda)),
                   rows=[measure(c, device, dtype, backend, rounds) for c in cases])
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"goals-{'smoke' if args.smoke else 'gpu'}-{result['date']}"
+    stem = args.out / f"goals-{'smoke' if args.smoke else 'gpu-' + backend}-{result['date']}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
     stem.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))

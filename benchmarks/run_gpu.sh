@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything to do on a lent GPU machine, in one call, within 8 minutes on an H100/H200:
-# build the CUDA extension, run the GPU tests, one small case of every CUDA op and of the
-# Triton op under compute-sanitizer memcheck, the Triton lane (no loaded kernel spills, a
+# build the CUDA extension, run the GPU tests, one small case of every CUDA kernel and of the
+# Triton op under compute-sanitizer memcheck (and the CUDA kernels under racecheck), the Triton lane (no loaded kernel spills, a
 # training step under sync-debug "error" and in a CUDA graph), the speed goals side by side,
 # then the op benchmark and `proper bench --device cuda`. Results and logs go to $OUT (or
 # benchmarks/results/ when $OUT is unset); commit the JSON/markdown from there.
@@ -18,12 +18,15 @@ python -c 'import torch, proper_kernels; print(torch.cuda.get_device_name(), "ex
 
 echo "== GPU tests"
 python -m pytest -q -x tests/test_cuda_backend.py tests/test_cuda_ops.py tests/test_triton_linear.py \
-    tests/test_triton_router.py tests/test_triton_training.py tests/test_compile.py tests/test_build.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -5
+    tests/test_triton_router.py tests/test_triton_training.py tests/test_compile.py tests/test_build.py \
+    tests/test_auto_table.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -5
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
-echo "== compute-sanitizer memcheck"
+echo "== compute-sanitizer: memcheck (every CUDA kernel and the Triton op), racecheck (every CUDA kernel)"
 if command -v compute-sanitizer > /dev/null; then
     compute-sanitizer --tool memcheck --error-exitcode 3 python -m benchmarks.gpu_check 2>&1 | tee "$OUT/memcheck.log" | tail -5
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    compute-sanitizer --tool racecheck --error-exitcode 3 python -m benchmarks.gpu_check --cuda-only 2>&1 | tee "$OUT/racecheck.log" | tail -5
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 else
     echo "compute-sanitizer not found; running the check without it" | tee "$OUT/memcheck.log"
@@ -35,8 +38,10 @@ python -m benchmarks.gpu_lane 2>&1 | tee "$OUT/gpu-lane.log" | tail -8
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== speed goals, side by side (and the launch plan's predictions)"
-timeout 180 python -m benchmarks.goals --out "$OUT" || status=1
+timeout 180 python -m benchmarks.goals --out "$OUT" --backend triton || status=1
+timeout 180 python -m benchmarks.goals --out "$OUT" --backend cuda || status=1
 proper bench --plan --out "$OUT/launch-plan-sm90.md" > /dev/null || status=1
+proper bench --plan --backend cuda --out "$OUT/launch-plan-cuda-sm90.md" > /dev/null || status=1
 
 echo "== op benchmark"
 python -m benchmarks.bench_op --device cuda --dtype bf16 --out "$OUT/op-$(date -u +%Y-%m-%d).json" || status=1

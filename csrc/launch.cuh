@@ -3,6 +3,9 @@
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
+#include <c10/util/Exception.h>
+
+#include <atomic>
 
 #include "decode.cuh"
 #include "kernels.cuh"
@@ -110,11 +113,22 @@ void launch_bgmv_expand(const float* h, const void* W, const int64_t* idx, const
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Dynamic shared memory past the default 48 KiB needs the kernel's opt-in.
-template <typename Kernel>
-void allow_smem(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+// Dynamic shared memory past the default 48 KiB needs the kernel's opt-in. It is raised once
+// per kernel and device to the device's maximum (never lowered, so concurrent launches of
+// other shapes stay valid); a shape that needs more fails with the sizes.
+template <auto Kernel>
+void allow_smem(size_t bytes, const char* what) {
+  if (bytes <= 48 * 1024) return;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  int max_optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  TORCH_CHECK(bytes <= static_cast<size_t>(max_optin), "proper::", what, ": this shape needs ", bytes,
+              " bytes of shared memory per block, more than the ", max_optin, " this GPU allows");
+  static std::atomic<bool> done[64];
+  if (device < 64 && done[device].load()) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_optin));
+  if (device < 64) done[device].store(true);
 }
 
 template <typename Tag>
@@ -125,12 +139,12 @@ void launch_proper_decode(const DecodeLaunch& a, cudaStream_t stream) {
   dec::decode_router_kernel<T><<<split_grid, dec::kThreads, 0, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const size_t smem_shrink = sizeof(float) * (3 * static_cast<size_t>(a.E) + a.r_u + 2 * a.k);
-  allow_smem(dec::decode_shrink_kernel<T>, smem_shrink);
+  allow_smem<dec::decode_shrink_kernel<T>>(smem_shrink, "proper_decode");
   dec::decode_shrink_kernel<T><<<split_grid, dec::kThreads, smem_shrink, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (a.out == 0) return;
   const size_t smem_expand = sizeof(float) * (static_cast<size_t>(a.k) * a.r + a.r_u + 2 * a.k);
-  allow_smem(dec::decode_expand_kernel<T>, smem_expand);
+  allow_smem<dec::decode_expand_kernel<T>>(smem_expand, "proper_decode");
   const dim3 out_grid(static_cast<unsigned>(a.n_tokens), static_cast<unsigned>((a.out + dec::kThreads - 1) / dec::kThreads));
   dec::decode_expand_kernel<T><<<out_grid, dec::kThreads, smem_expand, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -145,7 +159,7 @@ void launch_prefill_shrink(const ShrinkLaunch& a, cudaStream_t stream) {
   const int c_user = pf::round8(a.E * a.r) + (a.Wx ? pf::round8(a.E) : 0);
   const int n_cols = c_user + (a.UA ? pf::round8(a.r_u) : 0);
   const size_t smem = pf::epi_layout<T>(2, n_cols, a.E, a.k).total;
-  allow_smem(pf::prefill_shrink_kernel<T>, smem);
+  allow_smem<pf::prefill_shrink_kernel<T>>(smem, "prefill_shrink");
   pf::prefill_shrink_kernel<T><<<tiles_of(a.T, tc::kTileM), tc::kThreads, smem, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -155,7 +169,7 @@ void launch_prefill_expand(const ExpandLaunch& a, cudaStream_t stream) {
   using T = typename Storage<Tag>::type;
   if (a.T == 0 || a.out == 0) return;
   const size_t smem = pf::out_tile_smem<T>();
-  allow_smem(pf::prefill_expand_kernel<T>, smem);
+  allow_smem<pf::prefill_expand_kernel<T>>(smem, "prefill_expand");
   const dim3 grid(tiles_of(a.T, tc::kTileM), tiles_of(a.out, pf::kOutTile));
   pf::prefill_expand_kernel<T><<<grid, tc::kThreads, smem, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -167,7 +181,7 @@ void launch_prefill_bwd_dh(const BwdDhLaunch& a, cudaStream_t stream) {
   if (a.T == 0) return;
   const int n_cols = pf::round8(a.E * a.r) + (a.UB ? pf::round8(a.r_u) : 0);
   const size_t smem = pf::epi_layout<T>(1, n_cols, a.E, a.k).total;
-  allow_smem(pf::prefill_bwd_dh_kernel<T>, smem);
+  allow_smem<pf::prefill_bwd_dh_kernel<T>>(smem, "prefill_bwd_dh");
   pf::prefill_bwd_dh_kernel<T><<<tiles_of(a.T, tc::kTileM), tc::kThreads, smem, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -177,7 +191,7 @@ void launch_prefill_bwd_dx(const BwdDxLaunch& a, cudaStream_t stream) {
   using T = typename Storage<Tag>::type;
   if (a.T == 0 || a.in == 0) return;
   const size_t smem = pf::out_tile_smem<T>();
-  allow_smem(pf::prefill_bwd_dx_kernel<T>, smem);
+  allow_smem<pf::prefill_bwd_dx_kernel<T>>(smem, "prefill_bwd_dx");
   const dim3 grid(tiles_of(a.T, tc::kTileM), tiles_of(a.in, pf::kOutTile));
   pf::prefill_bwd_dx_kernel<T><<<grid, tc::kThreads, smem, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

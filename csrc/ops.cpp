@@ -452,6 +452,8 @@ void check_dims(const char* op, const char* name, const Tensor& t, std::initiali
 }
 
 void check_columns(const char* op, int64_t E, int64_t r, bool router, int64_t r_u) {
+  TORCH_CHECK(E <= kPrefillMaxExperts, "proper::", op, ": the prefill kernels hold at most ", kPrefillMaxExperts,
+              " experts, got ", E);
   auto pad = [](int64_t v) { return (v + 7) / 8 * 8; };
   const int64_t cols = pad(E * r) + (router ? pad(E) : 0) + pad(r_u);
   TORCH_CHECK(cols <= kPrefillMaxColumns, "proper::", op, ": the columns E*r + E + r_u (each padded to 8) are ", cols,

@@ -113,6 +113,8 @@ void launch_prefill_bwd_dx(const BwdDxLaunch& args, cudaStream_t stream);
 
 // Largest column space (E r + E + r_u, each padded to 8) of the prefill shrink and bwd_dh.
 constexpr int kPrefillMaxColumns = 256;
+// ... and experts (the routing epilogue's per-warp scratch).
+constexpr int kPrefillMaxExperts = 256;
 
 // Largest number of experts the warp-per-token router handles.
 constexpr int kMaxExperts = 1024;

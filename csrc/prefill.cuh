@@ -33,7 +33,7 @@ constexpr int kMaxCols = 256;      // shrink / bwd_dh column space
 constexpr int kColTiles = kMaxCols / 8 / 2;  // n-tiles per warp column
 constexpr int kOutTile = 128;      // expand / bwd_dx outputs per CTA
 constexpr int kOutTiles = kOutTile / 8 / 2;
-constexpr int kMaxE = 256;         // experts (E * r <= kMaxCols)
+constexpr int kMaxE = 256;         // experts (the per-warp epilogue scratch holds 3 E floats)
 
 enum PlanRow { kUid = 0, kOrder = 1, kRun = 2, kRunUser = 3 };
 
@@ -242,7 +242,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_shrink_kernel(ShrinkArgs 
     for (int kk = 0; kk < kTileK; kk += 16) {
       tc::AFrag<T> f, fx;
       f.load(As + wm * 16 * kLd, kk, true, true, lane);
-      fx.load((same_x ? As : Ax) + wm * 16 * kLd, kk, true, true, lane);
+      fx.load((same_x || !Wx ? As : Ax) + wm * 16 * kLd, kk, true, true, lane);
 #pragma unroll
       for (int q = 0; q < kColTiles; ++q) {
         const int c0 = (wn + 2 * q) * 8;
@@ -633,16 +633,26 @@ __global__ void __launch_bounds__(kThreads) prefill_bwd_dx_kernel(BwdDxArgs a) {
     mma_out_tiles<T>(acc, As, Bs, wm, wn, true, true, lane);
   }
   if (Wx) {
+    // d logits stay fp32 in the reference: the 16-bit operand is its high part, then the
+    // remainder (two products; one for fp32 inputs).
+    constexpr int parts = sizeof(T) == sizeof(float) ? 1 : 2;
     for (int k0 = 0; k0 < a.E; k0 += kTileK) {
-      __syncthreads();
-      stage<T, float>(As, kTileM, k0, a.E, false,
-                      [&](int m) { return rows.tok[m] >= 0 ? a.dlogits + rows.tok[m] * a.E : nullptr; });
-      tc::stage_cols<T>(Bs, Wx, kOutTile, a.in, k0, a.E, n0, a.in);
-      __syncthreads();
-      if (a.dx_router)
-        mma_out_tiles<T>(accr, As, Bs, wm, wn, true, true, lane);
-      else
-        mma_out_tiles<T>(acc, As, Bs, wm, wn, true, true, lane);
+      for (int part = 0; part < parts; ++part) {
+        __syncthreads();
+        for (int q = threadIdx.x; q < kTileM * kTileK; q += kThreads) {
+          const int m = q / kTileK, kk = q % kTileK;
+          float v = 0.f;
+          if (rows.tok[m] >= 0 && k0 + kk < a.E) v = a.dlogits[rows.tok[m] * a.E + k0 + kk];
+          const float hi = dev::to_float(dev::from_float<T>(v));
+          As[m * kLd + kk] = dev::from_float<T>(part == 0 ? v : v - hi);
+        }
+        if (part == 0) tc::stage_cols<T>(Bs, Wx, kOutTile, a.in, k0, a.E, n0, a.in);
+        __syncthreads();
+        if (a.dx_router)
+          mma_out_tiles<T>(accr, As, Bs, wm, wn, true, true, lane);
+        else
+          mma_out_tiles<T>(acc, As, Bs, wm, wn, true, true, lane);
+      }
     }
   }
   if (UA) {

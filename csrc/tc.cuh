@@ -44,7 +44,7 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
 
 template <>
 __device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  asm volatile(
+  asm(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -54,7 +54,7 @@ __device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (
 template <>
 __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
                                                         const uint32_t (&b)[2]) {
-  asm volatile(
+  asm(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -108,36 +108,6 @@ struct AFrag<float> {
     }
   }
 };
-
-// dst[m][kk] (m < nrows, kk < kTileK) = src[row[m] * ld + k0 + kk] as T, zero where row[m] < 0
-// or k0 + kk >= K. 16-byte loads when `vec` (S == T, ld and the base 16-byte aligned).
-template <typename T, typename S>
-__device__ __forceinline__ void stage_rows(T* dst, const S* __restrict__ src, const int64_t* row, int nrows,
-                                           int64_t ld, int k0, int K, bool vec, float scale = 1.f) {
-  constexpr int kVec = 16 / sizeof(T);
-  if constexpr (sizeof(S) == sizeof(T)) {
-    if (vec && scale == 1.f) {
-      constexpr int chunks = kTileK / kVec;
-      for (int q = threadIdx.x; q < nrows * chunks; q += kThreads) {
-        const int m = q / chunks, kk = (q % chunks) * kVec;
-        const int64_t r = row[m];
-        uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if (r >= 0 && k0 + kk < K) {  // K % kVec == 0 on this path: a chunk is all in or all out
-          v = *reinterpret_cast<const uint4*>(src + r * ld + k0 + kk);
-        }
-        *reinterpret_cast<uint4*>(dst + m * kLd + kk) = v;
-      }
-      return;
-    }
-  }
-  for (int q = threadIdx.x; q < nrows * kTileK; q += kThreads) {
-    const int m = q / kTileK, kk = q % kTileK;
-    const int64_t r = row[m];
-    float v = 0.f;
-    if (r >= 0 && k0 + kk < K) v = dev::to_float(src[r * ld + k0 + kk]) * scale;
-    dst[m * kLd + kk] = dev::from_float<T>(v);
-  }
-}
 
 // dst[n][kk] (n < nrows, kk < kTileK) = src[(k0 + kk) * ld + n0 + n]: a tile of a matrix whose
 // rows run along K, read along n (consecutive threads, consecutive addresses) and stored

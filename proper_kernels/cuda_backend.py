@@ -39,7 +39,7 @@ def _pad8(n: int) -> int:
 
 def tensor_core_fits(E: int, r: int, r_u: int, router_x: bool) -> bool:
     """Whether the tensor-core prefill kernels hold this shape (else the BGMV path runs)."""
-    return _pad8(E * r) + (_pad8(E) if router_x else 0) + _pad8(r_u) <= PREFILL_MAX_COLUMNS
+    return E <= 256 and _pad8(E * r) + (_pad8(E) if router_x else 0) + _pad8(r_u) <= PREFILL_MAX_COLUMNS
 
 _ops = None
 

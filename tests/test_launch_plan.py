@@ -166,3 +166,23 @@ def test_bank_grad_per_sequence_matches_a_loop(dtype):
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert (got.double() - want).abs().max() <= tol * want.abs().max()
     assert torch.count_nonzero(got[1]) == 0
+
+
+def test_gpu_check_harness_runs_on_the_cpu():
+    """benchmarks.gpu_check (the compute-sanitizer script) on the torch reference: its own
+    comparison code must report ~0 error, and a wrong function must fail it."""
+    import importlib
+
+    gc = importlib.import_module("benchmarks.gpu_check")
+    from proper_kernels import reference
+
+    case = gc.make_case("cpu")
+    errs = gc.errors(reference.proper_linear, case, torch.float32)
+    assert set(errs) == {"y", *gc.TRAINED} and gc.report("ref", errs, 1e-5)
+    assert gc.report("ref", gc.errors(reference.proper_linear, case, torch.float32, train=False), 1e-5)
+
+    def wrong(**kw):
+        y, routing = reference.proper_linear(**kw)
+        return y * 1.01, routing
+
+    assert not gc.report("wrong", gc.errors(wrong, case, torch.float32, train=False), 1e-4)
