@@ -29,8 +29,8 @@ from torch import Tensor
 
 from ._fs import atomic_write, atomic_write_text
 from .config import ProperConfig
-from .layer import BANK_PARAMS, owned_rows, whole
-from .patching import _patch_of, is_patched, patch_model, unpatch
+from .layer import BANK_PARAMS, adapter_shapes, base_features, owned_rows, whole
+from .patching import _patch_of, find_targets, is_patched, patch_model, unpatch
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "proper_config.json"
@@ -150,7 +150,14 @@ def load_adapters(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
     config, tensors = _read(Path(path))
     patched_here = not is_patched(model)
     if patched_here:
-        patch_model(model, config)
+        # The file must fit the model its config describes before anything is allocated (a
+        # config may ask for a bank of 10**15 users next to tiny tensors).
+        _check_shapes(model, config, tensors, str(path))
+        try:
+            patch_model(model, config)  # all or nothing: on an error the model is as it was
+        except (ValueError, TypeError, RuntimeError, MemoryError) as e:
+            raise AdapterFileError(f"{path}: patching the model with the file's config failed: "
+                                   f"{type(e).__name__}: {e}") from None
     try:
         _check_and_copy(model, config, tensors, str(path))
     except BaseException:
@@ -158,6 +165,31 @@ def load_adapters(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
             unpatch(model)
         raise
     return model
+
+
+def _check_shapes(model: nn.Module, config: ProperConfig, tensors: dict[str, Tensor], where: str) -> None:
+    """For an unpatched `model`: the file's tensors must be exactly the ones patching it with
+    `config` would create, shape for shape. Allocates nothing."""
+    try:
+        targets = find_targets(model, config)
+    except (ValueError, TypeError) as e:
+        raise AdapterFileError(f"{where}: its config does not fit the model: {e}") from None
+    shared = config.share_user_router and "user" in config.router
+    expected: dict[str, tuple] = {}
+    for name, module in targets.items():
+        for pname, shape in adapter_shapes(*base_features(module), config).items():
+            expected[SHARED_ROUTER_KEY if shared and pname == "router_user" else f"{name}.{pname}"] = shape
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise AdapterFileError(
+            f"{where} does not fit the model its config describes: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}")
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != shape:
+            raise AdapterFileError(f"{where}: {key} has shape {tuple(tensors[key].shape)}, but its config "
+                                   f"(num_users={config.num_users}, experts={config.num_experts}, rank={config.rank}, "
+                                   f"user_rank={config.user_rank}) and the model make it {shape}")
 
 
 def _check_and_copy(model: nn.Module, config: ProperConfig, tensors: dict[str, Tensor], where: str) -> None:

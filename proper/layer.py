@@ -19,6 +19,25 @@ ADAPTER_PARAMS = ("lora_A", "lora_B", "router_x", "router_user", "router_h", "us
 BANK_PARAMS = ("user_A", "user_B")  # the per-user LoRA bank: the tables a process may hold a shard of
 
 
+def adapter_shapes(d_in: int, d_out: int, config: "ProperConfig", bank_rows: Optional[int] = None) -> dict:
+    """The shape of each adapter tensor of a layer (in ADAPTER_PARAMS order; absent parts left
+    out): what ProperLinear allocates, and what a loader checks a file against first."""
+    E, r, N = config.num_experts, config.rank, config.num_users
+    r_u = config.user_rank if config.has_user_bank else 0
+    n_bank = N if bank_rows is None else bank_rows
+    shapes = {"lora_A": (E, r, d_in), "lora_B": (E, d_out, r)}
+    if "token" in config.router:
+        shapes["router_x"] = (E, d_in)
+    if "user" in config.router:
+        shapes["router_user"] = (N + 1, E)
+    if "lora" in config.router:
+        shapes["router_h"] = (E, r_u)
+    if config.has_user_bank:
+        shapes["user_A"] = (n_bank, r_u, d_in)
+        shapes["user_B"] = (n_bank, d_out, r_u)
+    return shapes
+
+
 def whole(t: Tensor) -> Tensor:
     """A parameter's whole value; for one sharded by FSDP this is a collective (every rank calls it)."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
@@ -148,16 +167,10 @@ class ProperLinear(nn.Module):
 
         w = base.weight
         kw = dict(device=w.device, dtype=w.dtype if w.is_floating_point() else torch.float32)
-        E, r, r_u, N = self.num_experts, self.rank, self.user_rank, self.num_users
-        n_bank = self._state.bank_rows  # N, or this process's share of the users (a sharded bank)
-        self.lora_A = nn.Parameter(torch.empty(E, r, d_in, **kw))
-        self.lora_B = nn.Parameter(torch.empty(E, d_out, r, **kw))
-        param = lambda on, *shape: nn.Parameter(torch.empty(*shape, **kw)) if on else None  # noqa: E731
-        self.router_x = param("token" in config.router, E, d_in)
-        self.router_user = param("user" in config.router, N + 1, E)
-        self.router_h = param("lora" in config.router, E, r_u)
-        self.user_A = param(config.has_user_bank, n_bank, r_u, d_in)
-        self.user_B = param(config.has_user_bank, n_bank, d_out, r_u)
+        # bank_rows: N, or this process's share of the users (a sharded bank)
+        shapes = adapter_shapes(d_in, d_out, config, self._state.bank_rows)
+        for name in ADAPTER_PARAMS:
+            setattr(self, name, nn.Parameter(torch.empty(*shapes[name], **kw)) if name in shapes else None)
         self.reset_parameters()
 
     @torch.no_grad()

@@ -93,8 +93,45 @@ def patch_model(
         if not config.has_user_bank:
             raise ValueError("shard= splits the user bank across processes, but the config has no user bank "
                              f"(num_users={config.num_users}, user_rank={config.user_rank})")
-    targets = config.target_modules
+    found = find_targets(model, config)
 
+    # All or nothing: every layer is built (the allocations, the step that can fail) before
+    # the model is touched; the swap restores everything if it fails part-way.
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    patch = _Patch(config, UserState(config.num_users, shard))
+    patch.requires_grad = requires_grad
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        layers = {name: ProperLinear(module, config, state=patch.state) for name, module in found.items()}
+        if config.share_user_router and "user" in config.router:
+            shared = next(iter(layers.values())).router_user
+            for layer in layers.values():
+                layer.router_user = shared  # one Parameter: named_parameters() and optimizers see it once
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name, layer in layers.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, layer)
+            swapped.append((parent, child, found[name]))
+            patch.layers[name] = layer
+        setattr(model, _ATTR, patch)
+    except BaseException:
+        for parent, child, module in reversed(swapped):
+            setattr(parent, child, module)
+        if hasattr(model, _ATTR):
+            delattr(model, _ATTR)
+        for n, p in model.named_parameters():
+            if n in requires_grad:
+                p.requires_grad_(requires_grad[n])
+        raise
+    return model
+
+
+def find_targets(model: nn.Module, config: ProperConfig) -> dict[str, nn.Module]:
+    """The modules of `model` that config.target_modules names, by dotted name (checked:
+    every pattern matches, every match is an nn.Linear or a Conv1D). Changes nothing."""
+    targets = config.target_modules
     found: dict[str, nn.Module] = {}
     used: set[str] = set()
     for name, module in model.named_modules():
@@ -116,23 +153,7 @@ def patch_model(
         missing = [t for t in targets if t not in used]
     if missing:
         raise ValueError(f"target_modules pattern(s) {missing} match no module of {type(model).__name__}")
-
-    patch = _Patch(config, UserState(config.num_users, shard))
-    patch.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name, module in found.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = ProperLinear(module, config, state=patch.state)
-        setattr(parent, child, layer)
-        patch.layers[name] = layer
-    if config.share_user_router and "user" in config.router:
-        shared = next(iter(patch.layers.values())).router_user
-        for layer in patch.layers.values():
-            layer.router_user = shared  # one Parameter: named_parameters() and optimizers see it once
-    setattr(model, _ATTR, patch)
-    return model
+    return found
 
 
 def check_shard(shard) -> tuple[int, int]:
@@ -227,12 +248,11 @@ def user_context(model: nn.Module, user_ids: Union[Tensor, Sequence[int]]) -> It
             user_ids = torch.as_tensor(user_ids)
         except (TypeError, ValueError, RuntimeError) as e:
             raise TypeError(f"user_ids must be a tensor or a list of integers: {e}") from None
-    if user_ids.is_floating_point() or user_ids.is_complex() or user_ids.dtype == torch.bool:
-        raise TypeError(f"user_ids must be an integer tensor, got dtype {user_ids.dtype}")
+    from proper_kernels._checks import check_id_range, signed_ids
+
+    user_ids = signed_ids(user_ids)  # int64 before the range check, so -1 keeps its meaning
     if user_ids.dim() != 1:
         raise ValueError(f"user_ids must be 1-D (one id per sequence), got shape {tuple(user_ids.shape)}")
-    from proper_kernels._checks import check_id_range
-
     check_id_range(user_ids, patch.config.num_users)
     layers = list(patch.layers.values())
     device = layers[0].lora_A.device if layers else user_ids.device

@@ -1,10 +1,12 @@
 """A small, resumable trainer for the adapters of a patched model.
 
 Every `save_every` steps it writes a checkpoint (adapters through ``save_adapters``, the
-optimizer state and the RNG state as safetensors, the step and losses as JSON) into a new
-directory, then points ``latest`` at it with an atomic rename: a run killed at any moment
-restarts from the last complete checkpoint and, being seeded per step, ends with the same
-adapters as an uninterrupted run. Batches come from ``batch_at(step)``, so the data order
+optimizer state and the RNG state as safetensors, the step and losses as JSON, both under
+one SHA-256 digest) into a new directory, fsyncs it, then points ``latest`` at it with an
+atomic rename: a run killed at any moment (or a power loss) restarts from the last complete
+checkpoint and, being seeded per step, ends with the same adapters as an uninterrupted run.
+A corrupt checkpoint is refused, naming the earlier one that is intact (the previous
+checkpoint is kept until the next one is written). Batches come from ``batch_at(step)``, so the data order
 depends on the step alone.
 """
 
@@ -14,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +24,13 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from . import distributed
-from ._fs import atomic_write_text
-from .io import load_adapters, save_adapters
+from ._fs import atomic_write_text, fsync_dir, fsync_tree
+from .io import _digest, load_adapters, save_adapters
 from .optim import LazyAdamW
 from .patching import aux_losses, bank_shard, is_patched, proper_layers, user_context
 
@@ -125,35 +129,125 @@ def _restore_rng(tensors: dict[str, Tensor]) -> None:
         torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
 
 
+class CheckpointError(ValueError):
+    """A training checkpoint that is corrupt, or a `latest` pointer that names no checkpoint."""
+
+
+TRAINER_FORMAT = "proper.trainer/1"
+_CHECKPOINT_NAME = re.compile(r"step-\d{7}")
+
+
+def _trainer_text(body: dict) -> str:
+    return json.dumps(body, indent=2, sort_keys=True) + "\n"
+
+
 def save_checkpoint(ckpt_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, losses: list) -> Path:
-    """Write checkpoint `step` and make it the latest; older ones are removed after."""
+    """Write checkpoint `step` and make it the latest. The one it replaces as the latest is
+    kept (the fallback should this one be found corrupt); older ones are removed after.
+
+    Durability: every file of the new checkpoint is fsynced, then its directory; the rename
+    into place is fsynced through the parent directory before `latest` points at it
+    (written and fsynced the same way). trainer.safetensors and trainer.json carry one
+    SHA-256 digest of both, as the adapter files do."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step-{step:07d}"
     tmp = ckpt_dir / f".step-{step:07d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in ckpt_dir.glob(".step-*.tmp"):  # one writer per directory: these are killed saves'
+        shutil.rmtree(stale, ignore_errors=True)
     if is_patched(model) and bank_shard(model) is not None:
         distributed.save_shard(model, tmp / "adapters")
     else:
         save_adapters(model, tmp / "adapters")
     tensors, meta = _optimizer_tensors(opt)
     tensors.update(_rng_tensors())
-    save_file(tensors, str(tmp / "trainer.safetensors"))
-    _write_json(tmp / "trainer.json", {"step": step, "losses": losses, "optimizer": meta})
+    body = {"step": step, "losses": losses, "optimizer": meta}
+    digest = _digest(tensors, _trainer_text(body))
+    save_file(tensors, str(tmp / "trainer.safetensors"), metadata={"format": TRAINER_FORMAT, "sha256": digest})
+    (tmp / "trainer.json").write_text(_trainer_text({**body, "sha256": digest}), encoding="utf-8")
+    fsync_tree(tmp)
+    try:
+        previous = latest_checkpoint(ckpt_dir)
+    except CheckpointError:
+        previous = None
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    fsync_dir(ckpt_dir)
     _write_json(ckpt_dir / LATEST, {"checkpoint": final.name})
+    keep = {final.name, previous.name if previous is not None else None}
     for old in ckpt_dir.glob("step-*"):
-        if old.name != final.name:
+        if old.name not in keep:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
+    """The checkpoint `latest` points at (None: no pointer, or it names a directory that is
+    gone). The pointer may only name a checkpoint of this directory (step-NNNNNNN)."""
     pointer = ckpt_dir / LATEST
     if not pointer.is_file():
         return None
-    path = ckpt_dir / json.loads(pointer.read_text())["checkpoint"]
+    try:
+        name = json.loads(pointer.read_text())["checkpoint"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{pointer} is not a checkpoint pointer ({type(e).__name__}: {e})") from None
+    if not isinstance(name, str) or not _CHECKPOINT_NAME.fullmatch(name):
+        raise CheckpointError(f"{pointer} names {name!r}, which is not a checkpoint of {ckpt_dir} "
+                              "(it must be a step-NNNNNNN directory inside it)")
+    path = ckpt_dir / name
     return path if path.is_dir() else None
+
+
+def read_checkpoint(ckpt: Path) -> tuple[dict[str, Tensor], dict]:
+    """(trainer tensors, trainer.json body) of a checkpoint, after its checksums (its adapters'
+    included) are verified; CheckpointError names the file that fails."""
+    from .io import AdapterFileError, _read
+
+    weights, meta_file = ckpt / "trainer.safetensors", ckpt / "trainer.json"
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    try:
+        body = json.loads(meta_file.read_text(encoding="utf-8"))
+        digest = body.pop("sha256")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{meta_file} is not a trainer state file: {type(e).__name__}: {e}") from None
+    if metadata.get("format") != TRAINER_FORMAT:
+        raise CheckpointError(f"{weights} is not a proper trainer state file (format {metadata.get('format')!r})")
+    if metadata.get("sha256") != digest or _digest(tensors, _trainer_text(body)) != digest:
+        raise CheckpointError(f"{ckpt} failed its checksum: trainer.safetensors or trainer.json is corrupt")
+    try:
+        _read(ckpt / "adapters")
+    except AdapterFileError as e:
+        raise CheckpointError(f"{ckpt}: {e}") from None
+    return tensors, body
+
+
+def _verified_latest(ckpt_dir: Path) -> Optional[tuple[Path, dict[str, Tensor], dict]]:
+    """The latest checkpoint, verified; a corrupt one is refused with the name of the newest
+    earlier checkpoint that is intact."""
+    ckpt = latest_checkpoint(ckpt_dir)
+    if ckpt is None:
+        return None
+    try:
+        tensors, body = read_checkpoint(ckpt)
+    except CheckpointError as e:
+        intact = None
+        for other in sorted(ckpt_dir.glob("step-*"), reverse=True):
+            if other != ckpt and _CHECKPOINT_NAME.fullmatch(other.name):
+                try:
+                    read_checkpoint(other)
+                    intact = other
+                    break
+                except CheckpointError:
+                    continue
+        hint = (f"the earlier checkpoint {intact} is intact: to resume from it, write "
+                f'{{"checkpoint": "{intact.name}"}} to {ckpt_dir / LATEST}' if intact is not None else
+                "no earlier checkpoint in that directory is intact")
+        raise CheckpointError(f"refusing to resume from a corrupt checkpoint: {e}; {hint}") from None
+    return ckpt, tensors, body
 
 
 def _check_world(ckpt_root: Path, world_size: int) -> None:
@@ -238,11 +332,10 @@ def train(
     base_lrs = [group["lr"] for group in opt.param_groups]  # before a checkpoint's scheduled ones load
     start, losses = 0, []
     if ckpt_dir is not None:
-        ckpt = latest_checkpoint(Path(ckpt_dir))
-        if ckpt is not None:
+        found = _verified_latest(Path(ckpt_dir))
+        if found is not None:
+            ckpt, tensors, meta = found
             (distributed.load_shard if sharded else load_adapters)(model, ckpt / "adapters")
-            tensors = load_file(str(ckpt / "trainer.safetensors"))
-            meta = json.loads((ckpt / "trainer.json").read_text())
             _load_optimizer(opt, tensors, meta["optimizer"])
             _restore_rng(tensors)
             start, losses = meta["step"], meta["losses"]

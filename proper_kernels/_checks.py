@@ -48,8 +48,7 @@ def user_ids(ids, x: Tensor, num_users: Optional[int], *, check_range: bool = Tr
     """Per-token ids (shaped like x.shape[:-1]) or per-sequence ids ([x.shape[0]])."""
     if not isinstance(ids, Tensor):
         raise TypeError(f"user_ids must be a torch.Tensor of integers, got {type(ids).__name__}")
-    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise TypeError(f"user_ids must be an integer tensor, got dtype {ids.dtype}")
+    signed_ids(ids)
     if ids.device != x.device:
         raise ValueError(f"user_ids is on {ids.device} but x is on {x.device}")
     lead = x.shape[:-1]
@@ -62,6 +61,19 @@ def user_ids(ids, x: Tensor, num_users: Optional[int], *, check_range: bool = Tr
     if check_range and ids.numel() > 0:
         check_id_range(ids, num_users)
     return ids
+
+
+SIGNED_INTEGERS = (torch.int64, torch.int32, torch.int16, torch.int8)
+
+
+def signed_ids(ids: Tensor) -> Tensor:
+    """`ids` as int64, refusing dtypes that cannot hold -1 (a user without a row)."""
+    if ids.dtype not in SIGNED_INTEGERS:
+        if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+            raise TypeError(f"user_ids must be an integer tensor, got dtype {ids.dtype}")
+        raise TypeError(f"user_ids must be a signed integer tensor (int8, int16, int32 or int64): {ids.dtype} "
+                        "cannot hold -1, the id of a user without a row")
+    return ids.long()
 
 
 def check_id_range(ids: Tensor, num_users: Optional[int]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional, Union
@@ -193,8 +194,21 @@ def router_topk(logits: Tensor, top_k: int, temperature: float = 1.0, *, backend
 def _check_topk(top_k: int, num_experts: int, temperature: float) -> None:
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be an integer in [1, {num_experts}] (the number of experts), got {top_k!r}")
-    if not isinstance(temperature, (int, float)) or not temperature > 0 or temperature == float("inf"):
+    if not _real(temperature) or not temperature > 0 or temperature == float("inf"):
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+
+
+def _real(v) -> bool:
+    """A Python or NumPy real number; not a bool, not a string, not a tensor."""
+    import numbers
+
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _check_scale(name: str, v) -> float:
+    if not _real(v) or not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite real number, got {v!r}")
+    return float(v)
 
 
 def proper_linear(
@@ -288,8 +302,10 @@ def proper_linear(
     )
     if user_ids is not None:
         user_ids = _checks.user_ids(user_ids, x, n_users, check_range=check_user_ids)
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    if not _real(dropout) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+    scaling = _check_scale("scaling", scaling)
+    user_scaling = _check_scale("user_scaling", user_scaling)
 
     checking = _checks.check_mode()
     if checking:

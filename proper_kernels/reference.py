@@ -93,10 +93,16 @@ def _user_rows(user_ids: Tensor, lead_shape: torch.Size, bank: Tensor,
     return S, _take_rows(bank, ids.clamp(min=0), sparse), (ids >= 0).to(bank.dtype)
 
 
+def _by_group(t: Tensor, S: int) -> Tensor:
+    """[T, n] -> [S, T / S, n] (T = 0 included, where reshape(S, -1, n) is ambiguous)."""
+    t = t.reshape(-1, t.shape[-1])
+    return t.reshape(S, t.shape[0] // S if S else 0, t.shape[-1])
+
+
 def user_shrink(x: Tensor, user_ids: Tensor, user_A: Tensor, sparse_grad: bool = False) -> Tensor:
     """h_u = A^u x for every token of x [..., in], zero where the id is -1. Returns [T, r_u]."""
     S, A, has_row = _user_rows(user_ids, x.shape[:-1], user_A, sparse_grad)
-    h = torch.bmm(x.reshape(S, -1, x.shape[-1]), A.transpose(1, 2)) * has_row[:, None, None]
+    h = torch.bmm(_by_group(x, S), A.transpose(1, 2)) * has_row[:, None, None]
     return h.reshape(-1, user_A.shape[1])
 
 
@@ -219,7 +225,7 @@ def proper_linear(
         y = y.clone()
     if has_user:
         S, Bu, _ = _user_rows(user_ids, x.shape[:-1], user_B, sparse_grad)  # h_u is zero for id -1
-        hu, y3 = h_user.reshape(S, -1, h_user.shape[1]), y.reshape(S, -1, d_out)
+        hu, y3 = _by_group(h_user, S), _by_group(y, S)
         # After addmm y is a fresh tensor (or base_out's own memory): accumulating into it is safe.
         y = y3.baddbmm_(hu, Bu.transpose(1, 2), alpha=user_scaling)
     return y.reshape(base_out.shape), Routing(logits, gates, indices)
