@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ._fs import atomic_write, atomic_write_text
+from ._fs import atomic_write, atomic_write_text, fsync_dir
 from .config import ProperConfig
 from .layer import BANK_PARAMS, adapter_shapes, base_features, owned_rows, whole
 from .patching import _patch_of, find_targets, is_patched, patch_model, unpatch
@@ -105,7 +105,10 @@ def write_adapters(config: ProperConfig, tensors: dict[str, Tensor], path: Union
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"refusing to save: adapter tensor {name!r} contains NaN or Inf")
     path = Path(path)
+    created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
+    if created:  # the new directory's own entry, durable like the files in it
+        fsync_dir(path.parent)
     config_json = config.to_json()
     metadata = {**(extra_metadata or {}), "format": FORMAT, "config": config_json,
                 "sha256": _digest(tensors, config_json)}
