@@ -357,29 +357,68 @@ __device__ __forceinline__ void mma_out_tiles(float (&acc)[kOutTiles][4], const 
   }
 }
 
+// What the out-tile kernels (expand, bwd_dx: a tile of tokens x kOutTile columns) share:
+// the shared-memory tiles, the tile's rows, this thread's place, and its accumulators' coordinates.
+template <typename T>
+struct OutTile {
+  T* As;
+  T* Bs;
+  TileRows& rows;
+  int lane, wm, wn, n0, row_lo, row_hi;
+
+  __device__ OutTile(unsigned char* smem, const int64_t* plan, int64_t n_tokens)
+      : As(reinterpret_cast<T*>(smem)),
+        Bs(As + kTileM * kLd),
+        rows(*reinterpret_cast<TileRows*>(Bs + kOutTile * kLd)),
+        lane(threadIdx.x % kWarp),
+        wm((threadIdx.x / kWarp) & 3),
+        wn((threadIdx.x / kWarp) >> 2),
+        n0(blockIdx.y * kOutTile),
+        row_lo(wm * 16 + (lane >> 2)),
+        row_hi(row_lo + 8) {
+    load_tile_rows(rows, plan, n_tokens);
+  }
+
+  // f(token, column, q, i) for each accumulator acc[q][i] of this thread inside [0, N).
+  template <typename F>
+  __device__ __forceinline__ void for_each(int N, F&& f) const {
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int q = 0; q < kOutTiles; ++q) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int m = wm * 16 + g + (i >= 2 ? 8 : 0);
+        const int n = n0 + (wn + 2 * q) * 8 + 2 * t + (i & 1);
+        if (rows.tok[m] >= 0 && n < N) f(rows.tok[m], n, q, i);
+      }
+    }
+  }
+};
+
+__device__ __forceinline__ void zero(float (&acc)[kOutTiles][4]) {
+#pragma unroll
+  for (int q = 0; q < kOutTiles; ++q)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[q][i] = 0.f;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) prefill_expand_kernel(ExpandArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
-  T* As = reinterpret_cast<T*>(smem);
-  T* Bs = As + kTileM * kLd;
-  TileRows& rows = *reinterpret_cast<TileRows*>(Bs + kOutTile * kLd);
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const int wm = warp & 3, wn = warp >> 2;
-  const int n0 = blockIdx.y * kOutTile;
+  const OutTile<T> o(smem, a.plan, a.T);
+  T* As = o.As;
+  T* Bs = o.Bs;
+  const TileRows& rows = o.rows;
+  const int lane = o.lane, wm = o.wm, wn = o.wn, n0 = o.n0, row_lo = o.row_lo, row_hi = o.row_hi;
   const int ER = a.E * a.r;
   const T* hg = static_cast<const T*>(a.hg);
   const T* B = static_cast<const T*>(a.B);
   const T* UB = static_cast<const T*>(a.UB);
   constexpr int kVec = 16 / sizeof(T);
   const bool vec = ER % kVec == 0 && tc::aligned16(hg);
-  load_tile_rows(rows, a.plan, a.T);
-  const int row_lo = wm * 16 + (lane >> 2), row_hi = row_lo + 8;
-
   float acc[kOutTiles][4], accu[kOutTiles][4];
-#pragma unroll
-  for (int q = 0; q < kOutTiles; ++q)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) acc[q][i] = accu[q][i] = 0.f;
+  zero(acc);
+  zero(accu);
 
   for (int k0 = 0; k0 < ER; k0 += kTileK) {
     __syncthreads();
@@ -414,19 +453,10 @@ __global__ void __launch_bounds__(kThreads) prefill_expand_kernel(ExpandArgs a) 
   }
   const T* base = static_cast<const T*>(a.base);
   T* y = static_cast<T*>(a.y);
-  const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-  for (int q = 0; q < kOutTiles; ++q) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int m = wm * 16 + g + (i >= 2 ? 8 : 0);
-      const int n = n0 + (wn + 2 * q) * 8 + 2 * t + (i & 1);
-      const int64_t tok = rows.tok[m];
-      if (tok < 0 || n >= a.out) continue;
-      const int64_t o = tok * a.out + n;  // read, then written by this thread only: in place is safe
-      y[o] = dev::from_float<T>(dev::to_float(base[o]) + a.scaling * acc[q][i] + a.user_scaling * accu[q][i]);
-    }
-  }
+  o.for_each(a.out, [&](int64_t tok, int n, int q, int i) {
+    const int64_t at = tok * a.out + n;  // read, then written by this thread only: in place is safe
+    y[at] = dev::from_float<T>(dev::to_float(base[at]) + a.scaling * acc[q][i] + a.user_scaling * accu[q][i]);
+  });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -603,12 +633,11 @@ using BwdDxArgs = ::proper::BwdDxLaunch;
 template <typename T>
 __global__ void __launch_bounds__(kThreads) prefill_bwd_dx_kernel(BwdDxArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
-  T* As = reinterpret_cast<T*>(smem);
-  T* Bs = As + kTileM * kLd;
-  TileRows& rows = *reinterpret_cast<TileRows*>(Bs + kOutTile * kLd);
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const int wm = warp & 3, wn = warp >> 2;
-  const int n0 = blockIdx.y * kOutTile;
+  const OutTile<T> o(smem, a.plan, a.T);
+  T* As = o.As;
+  T* Bs = o.Bs;
+  const TileRows& rows = o.rows;
+  const int lane = o.lane, wm = o.wm, wn = o.wn, n0 = o.n0, row_lo = o.row_lo, row_hi = o.row_hi;
   const int ER = a.E * a.r;
   const T* dh = static_cast<const T*>(a.dh);
   const T* A = static_cast<const T*>(a.A);
@@ -616,14 +645,9 @@ __global__ void __launch_bounds__(kThreads) prefill_bwd_dx_kernel(BwdDxArgs a) {
   const T* UA = static_cast<const T*>(a.UA);
   constexpr int kVec = 16 / sizeof(T);
   const bool vec = ER % kVec == 0 && tc::aligned16(dh);
-  load_tile_rows(rows, a.plan, a.T);
-  const int row_lo = wm * 16 + (lane >> 2), row_hi = row_lo + 8;
-
   float acc[kOutTiles][4], accr[kOutTiles][4];
-#pragma unroll
-  for (int q = 0; q < kOutTiles; ++q)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) acc[q][i] = accr[q][i] = 0.f;
+  zero(acc);
+  zero(accr);
 
   for (int k0 = 0; k0 < ER; k0 += kTileK) {
     __syncthreads();
@@ -672,19 +696,10 @@ __global__ void __launch_bounds__(kThreads) prefill_bwd_dx_kernel(BwdDxArgs a) {
   }
   T* dxl = static_cast<T*>(a.dx_lora);
   T* dxr = static_cast<T*>(a.dx_router);
-  const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-  for (int q = 0; q < kOutTiles; ++q) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int m = wm * 16 + g + (i >= 2 ? 8 : 0);
-      const int n = n0 + (wn + 2 * q) * 8 + 2 * t + (i & 1);
-      const int64_t tok = rows.tok[m];
-      if (tok < 0 || n >= a.in) continue;
-      dxl[tok * a.in + n] = dev::from_float<T>(acc[q][i]);
-      if (dxr) dxr[tok * a.in + n] = dev::from_float<T>(accr[q][i]);
-    }
-  }
+  o.for_each(a.in, [&](int64_t tok, int n, int q, int i) {
+    dxl[tok * a.in + n] = dev::from_float<T>(acc[q][i]);
+    if (dxr) dxr[tok * a.in + n] = dev::from_float<T>(accr[q][i]);
+  });
 }
 
 }  // namespace pf

@@ -117,16 +117,21 @@ def write_adapters(config: ProperConfig, tensors: dict[str, Tensor], path: Union
     return path
 
 
+def read_safetensors(path: Path, error: type) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """(metadata, tensors) of a safetensors file on the CPU; a file that does not read raises
+    `error` naming it."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise error(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
 def _read(path: Path) -> tuple[ProperConfig, dict[str, Tensor]]:
     weights = path / WEIGHTS_NAME if path.is_dir() else path
     if not weights.is_file():
         raise AdapterFileError(f"no adapter file at {weights}")
-    try:
-        with safe_open(str(weights), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise AdapterFileError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    metadata, tensors = read_safetensors(weights, AdapterFileError)
     if metadata.get("format") != FORMAT:
         raise AdapterFileError(f"{weights} is not a proper adapter file (format {metadata.get('format')!r})")
     if metadata.get("sha256") != _digest(tensors, metadata.get("config", "")):

@@ -24,7 +24,6 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -200,15 +199,10 @@ def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
 def read_checkpoint(ckpt: Path) -> tuple[dict[str, Tensor], dict]:
     """(trainer tensors, trainer.json body) of a checkpoint, after its checksums (its adapters'
     included) are verified; CheckpointError names the file that fails."""
-    from .io import AdapterFileError, _read
+    from .io import AdapterFileError, _read, read_safetensors
 
     weights, meta_file = ckpt / "trainer.safetensors", ckpt / "trainer.json"
-    try:
-        with safe_open(str(weights), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    metadata, tensors = read_safetensors(weights, CheckpointError)
     try:
         body = json.loads(meta_file.read_text(encoding="utf-8"))
         digest = body.pop("sha256")

@@ -88,6 +88,13 @@ def _dense_slots(v: Tensor, idx: Tensor, E: int) -> Tensor:
     return out.reshape(T, E * r)
 
 
+def _backward_inputs(ctx, x2, xl2, dy):
+    """(the adapters' input, which weights need a gradient, dy as [T, out] in x's dtype)."""
+    needs = dict(zip(("lora_A", "lora_B", "router_x", "router_user", "router_h", "user_A", "user_B"),
+                     ctx.needs_input_grad[3:10]))
+    return (x2 if xl2 is None else xl2), needs, dy.reshape(x2.shape[0], -1).to(x2.dtype).contiguous()
+
+
 class _ProperLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_lora, base_out, lora_A, lora_B, router_x, router_user, router_h, user_A, user_B,
@@ -135,12 +142,8 @@ class _ProperLinear(torch.autograd.Function):
     def backward(ctx, dy, dlext, dgates, _didx):
         (x2, xl2, uid, A, B, router_x, router_user, router_h, UA, UB, logits, gates, idx, h, hu) = ctx.saved_tensors
         groups, scaling, temperature, user_scaling, same_x, x_shape, xl_shape = ctx.consts
-        if xl2 is None:
-            xl2 = x2
-        needs = dict(zip(("lora_A", "lora_B", "router_x", "router_user", "router_h", "user_A", "user_B"),
-                         ctx.needs_input_grad[3:10]))
+        xl2, needs, dy2 = _backward_inputs(ctx, x2, xl2, dy)
         T, E, r = x2.shape[0], A.shape[0], A.shape[1]
-        dy2 = dy.reshape(T, -1).to(x2.dtype).contiguous()
         has_u = UA is not None
         dhg = _ops.bgmv_shrink(dy2, B, idx, True, False) * scaling  # d(g h): [T, k, r]
         dgate = (dhg * h).sum(-1)
@@ -220,12 +223,8 @@ class _PrefillLinear(torch.autograd.Function):
         (x2, xl2, table, uid, A, B, router_x, router_user, router_h, UA, UB, h, hg, hu, logits, gates,
          idx) = ctx.saved_tensors
         groups, scaling, temperature, user_scaling, same_x, x_shape, xl_shape = ctx.consts
-        if xl2 is None:
-            xl2 = x2
-        needs = dict(zip(("lora_A", "lora_B", "router_x", "router_user", "router_h", "user_A", "user_B"),
-                         ctx.needs_input_grad[3:10]))
+        xl2, needs, dy2 = _backward_inputs(ctx, x2, xl2, dy)
         T, E, r = x2.shape[0], A.shape[0], A.shape[1]
-        dy2 = dy.reshape(T, -1).to(x2.dtype).contiguous()
         dg_ext = dgates.float().contiguous() if dgates is not None else None
         dl_ext = dlext.float().contiguous() if dlext is not None else None
         dh, dlogits, dhu = _ops.prefill_bwd_dh(dy2, table, B, UB, router_h, h, logits, gates, idx, dg_ext, dl_ext,
