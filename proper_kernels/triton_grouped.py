@@ -95,7 +95,10 @@ def _block(block_expert_ptr, block_start_ptr, seg_ptr, order_ptr, E: tl.constexp
     start = tl.load(block_start_ptr + b)
     end = tl.load(seg_ptr + ec + 1)
     rows = start + tl.arange(0, BLOCK_P)
-    rmask = (rows < end) & (e < E)
+    # Both sides block comparisons, so the mask is an int1 block: a scalar condition (e < E)
+    # &-ed onto a block is splatted to an integer tensor by the Triton interpreter, which
+    # Triton 3.9 refuses as a mask. Compiled, this is the same code as the scalar form.
+    rmask = (rows < end) & (tl.broadcast_to(e, rows.shape) < E)
     pair = tl.load(order_ptr + rows, mask=rmask, other=0)
     return e, ec, rows, rmask, pair, pair // TOP_K
 

@@ -694,7 +694,7 @@ class _Call:
         self.wide_bwd = self.wide_shrink and self.BLOCK_CW % self.R == 0
         self.split = 1
         if size == "decode":  # split the features so that the shrink covers every SM
-            blocks = triton.cdiv(self.T, self.shrink[0])
+            blocks = max(1, triton.cdiv(self.T, self.shrink[0]))  # T = 0: no launch, no split
             tiles = triton.cdiv(self.IN, self.shrink[1])
             self.split = max(1, min(tiles, triton.cdiv(_launch.num_sms(device, self.target), blocks)))
 
@@ -1190,15 +1190,19 @@ def _backward(ctx, dy, dlogits, dgates, *_unused):
                     same_x, max_runs, strategy, needs, compact)
     rows = grads[-1]
     g = dict(zip(_GRAD_NAMES, grads[:-1]))
-    g = {n: (t if t.numel() or (n in ("x", "x_lora") and t.shape == x.shape) else None) for n, t in g.items()}
+    # An empty 1-D tensor means no gradient; T = 0 gives empty gradients of x and (compact)
+    # of the user router's rows, which are kept.
+    g = {n: (t if t.numel() or (n in ("x", "x_lora") and t.shape == x.shape)
+             or (n == "router_user" and compact and t.dim() == 2) else None) for n, t in g.items()}
     if compact:
         plan = saved[2]
         ru_shape, ua_shape, ub_shape = ctx.shapes
         users = plan[RUN_USER][:max_runs].clamp(min=0)[None]
+        n = users.shape[1]  # max_runs, except for T = 0 (no runs, a bound of 1)
         if g["user_A"] is not None:
-            g["user_A"] = torch.sparse_coo_tensor(users, g["user_A"], ua_shape, check_invariants=False)
+            g["user_A"] = torch.sparse_coo_tensor(users, g["user_A"][:n], ua_shape, check_invariants=False)
         if g["user_B"] is not None:
-            g["user_B"] = torch.sparse_coo_tensor(users, g["user_B"], ub_shape, check_invariants=False)
+            g["user_B"] = torch.sparse_coo_tensor(users, g["user_B"][:n], ub_shape, check_invariants=False)
         if g["router_user"] is not None:
             g["router_user"] = torch.sparse_coo_tensor(rows[None], g["router_user"], ru_shape, check_invariants=False)
     dxl = None if same_x else g["x_lora"]
