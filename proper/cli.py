@@ -10,20 +10,110 @@
 `--model` is a Hugging Face causal LM directory (loaded offline with its tokenizer); `--out`
 holds the stages (stage1/, stage2/, stage3/), the user index (users.json) and the split.
 Re-running `train` resumes: finished stages are skipped, an interrupted one continues from
-its last checkpoint.
+its last checkpoint. `--user -1` (generate) is a user without a row: the cold-start path.
+
+A refused command prints one line on stderr, `proper: error: ...`, and exits with status 2;
+every flag is checked before the model or the data load. `--debug` (anywhere on the line)
+shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+COLD_START = "-1"  # --user -1: a user without a row
+
 
 class CliError(Exception):
     """A refused command: its message is printed as one line, without a traceback."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in the one-line form of every other refusal."""
+
+    def error(self, message: str):
+        print(f"proper: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, CliError):
+        text = str(e)
+    elif isinstance(e, KeyError) and e.args:
+        text = str(e.args[0])
+    elif isinstance(e, OSError) and e.strerror:
+        text = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    else:
+        text = str(e) or type(e).__name__
+        if not isinstance(e, (ValueError, TypeError, RuntimeError, OSError)):
+            text = f"{type(e).__name__}: {text} (an unexpected error: run again with --debug for the traceback)"
+    return " ".join(text.split())
+
+
+def _positive(name: str, value, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok or (isinstance(value, float) and not math.isfinite(value)):
+        raise CliError(f"{name} must be {'>= 0' if allow_zero else 'positive'}, got {value}")
+
+
+def _stages(text: str) -> list[int]:
+    from .stages import STAGES
+
+    try:
+        stages = sorted({int(s) for s in text.split(",") if s.strip()})
+    except ValueError:
+        stages = []
+    if not stages or any(s not in STAGES for s in stages):
+        raise CliError(f"--stages must be a comma-separated list of {', '.join(map(str, STAGES))}, got {text!r}")
+    return stages
+
+
+def _validate(args) -> None:
+    """Every flag, before anything heavy loads."""
+    from .stages import STAGES
+
+    if getattr(args, "model", None) is not None and not Path(args.model).is_dir():
+        raise CliError(f"--model: no model directory at {args.model}")
+    if getattr(args, "data", None) is not None and not Path(args.data).is_file():
+        raise CliError(f"--data: no file at {args.data}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out: {out} is a file, not a run directory")
+    for name in ("max_length", "max_new_tokens", "steps", "save_every", "batch_size", "experts", "rank",
+                 "users"):
+        if getattr(args, name, None) is not None:
+            _positive("--" + name.replace("_", "-"), getattr(args, name))
+    for name in ("user_rank", "load_balance", "distinctness", "seed"):
+        if getattr(args, name, None) is not None:
+            _positive("--" + name.replace("_", "-"), getattr(args, name), allow_zero=True)
+    if getattr(args, "lr", None) is not None:
+        _positive("--lr", args.lr)
+    if args.command == "train":
+        args.stage_list = _stages(args.stages)
+        if not 1 <= args.top_k <= args.experts:
+            raise CliError(f"--top-k must be in [1, --experts] = [1, {args.experts}], got {args.top_k}")
+    stage = getattr(args, "stage", None)
+    if stage is not None and stage not in STAGES:
+        raise CliError(f"--stage must be one of {', '.join(map(str, STAGES))}, got {stage}")
+    if args.command in ("generate", "export") and not (out / "users.json").is_file():
+        raise CliError(f"--out: {out} is not a trained run (no users.json); run `proper train` first")
+
+
+def _user(users, text: str, allow_cold: bool):
+    """The user id a --user argument names (-1: a user without a row, where allowed)."""
+    try:
+        return users.parse(text)
+    except KeyError:
+        if allow_cold and text == COLD_START:
+            return -1  # no row in the index: the cold-start path
+        raise CliError(f"--user: unknown user {text!r} (this run has {len(users)} users"
+                       + ("; -1 is a user without a row)" if allow_cold else ")")) from None
 
 
 def _model_loader(path: str):
@@ -103,7 +193,7 @@ def cmd_train(args) -> int:
     enc = encode_split(split.train, tokenizer, users, args.max_length)
     pad = special_token_ids(tokenizer)[2]
     cfg = _pipeline_config(args, len(users))
-    for stage in sorted({int(s) for s in args.stages.split(",")}):
+    for stage in args.stage_list:
         balance = "user" if stage == 3 else "record"  # stage 3: every user's own LoRA gets trained
         torch.manual_seed(args.seed * 1000 + stage)  # the adapters' initialisation: the same on every run and rank
         run_stage(build, batch_sampler(enc, pad, args.batch_size, args.seed * 101 + stage, balance), out, cfg, stage,
@@ -133,9 +223,9 @@ def cmd_generate(args) -> int:
     from .stages import load_stage
 
     out = Path(args.out)
-    build, tokenizer = _model_loader(args.model)
     users = UserIndex.load(out / "users.json")
-    uid = users.parse(args.user)
+    uid = _user(users, args.user, allow_cold=True)
+    build, tokenizer = _model_loader(args.model)
     model = load_stage(build, out, args.stage)
     text = generate(model, [Example(uid, args.prompt, "x")], tokenizer, users, args.max_length,
                     args.max_new_tokens)[0]
@@ -168,7 +258,7 @@ def _export_stage(out: Path, asked: Optional[int]) -> int:
                        + ("" if reasons else " (no stage is trained yet: run `proper train` first)"))
     later = [s for s in reasons if s > exact[-1]]
     why = f" (stage {later[0]}: {reasons[later[0]]})" if later else ""
-    print(f"proper export: exporting stage {exact[-1]}, the latest stage with an exact PEFT export{why}",
+    print(f"proper: exporting stage {exact[-1]}, the latest stage with an exact PEFT export{why}",
           file=sys.stderr)
     return exact[-1]
 
@@ -181,13 +271,10 @@ def cmd_export(args) -> int:
     if args.format != "peft":
         raise CliError(f"--format must be 'peft', got {args.format!r}")
     out = Path(args.out)
+    users = UserIndex.load(out / "users.json")
+    row = users.row(_user(users, args.user, allow_cold=False))
     stage = _export_stage(out, args.stage)
     build, _ = _model_loader(args.model)
-    users = UserIndex.load(out / "users.json")
-    try:
-        row = users.row(users.parse(args.user))
-    except KeyError as e:
-        raise CliError(f"--user: {e.args[0]}") from None
     model = load_stage(build, out, stage)
     print(export_peft(model, row, args.dest))
     return 0
@@ -204,11 +291,14 @@ def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("PROPER_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
     if argv[:1] == ["bench"]:  # its own parser: `proper bench --help` lists the bench options
         from .bench import main as bench_main
 
         return bench_main(argv[1:])
-    ap = argparse.ArgumentParser(prog="proper", description="PROPER-style personalized LLMs")
+    ap = _Parser(prog="proper", description="PROPER-style personalized LLMs",
+                 epilog="--debug (anywhere on the line) shows a refused command's traceback")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="all three stages and the baselines on the built-in synthetic task")
@@ -265,9 +355,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     args = ap.parse_args(argv)
     try:
+        _validate(args)
         return args.func(args)
-    except CliError as e:
-        print(f"proper {args.command}: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("proper: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - every refusal is one line; --debug shows the traceback
+        if debug:
+            raise
+        print(f"proper: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -110,3 +110,74 @@ def test_demo_runs_small(tmp_path):
 def test_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "proper.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "demo" in out.stdout and "export" in out.stdout
+
+
+def _refused(capsys, argv):
+    """main(argv) refuses: exit status 2 and one line `proper: error: ...` on stderr."""
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's own refusals
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2, (argv, rc, err)
+    assert err.startswith("proper: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_every_refusal_is_one_line_before_anything_loads(workspace, capsys, tmp_path, monkeypatch):
+    root, data, model_dir, task = workspace
+    import proper.cli as cli
+
+    def no_load(path):
+        raise AssertionError("the model must not load for a refused command")
+
+    monkeypatch.setattr(cli, "_model_loader", no_load)
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"user_id": "u1", "input": "x"}\nnot json\n')
+    m, d, o = ["--model", str(model_dir)], ["--data", str(data)], ["--out", str(tmp_path / "run")]
+    cases = [
+        (["train", *d, *o], "the following arguments are required: --model"),
+        (["train", *m, *o], "the following arguments are required: --data"),
+        (["train", "--model", str(tmp_path / "nope"), *d, *o], "--model: no model directory"),
+        (["train", *m, "--data", str(tmp_path / "nope.jsonl"), *o], "--data: no file at"),
+        (["train", *m, *d, "--out", str(afile)], "is a file, not a run directory"),
+        (["train", *m, *d, *o, "--stages", "4"], "--stages must be a comma-separated list of 1, 2, 3, got '4'"),
+        (["train", *m, *d, *o, "--stages", "one"], "--stages must be"),
+        (["train", *m, *d, *o, "--save-every", "0"], "--save-every must be positive, got 0"),
+        (["train", *m, *d, *o, "--steps", "-5"], "--steps must be positive, got -5"),
+        (["train", *m, *d, *o, "--lr", "nan"], "--lr must be positive"),
+        (["train", *m, *d, *o, "--top-k", "5", "--experts", "2"], "--top-k must be in [1, --experts] = [1, 2]"),
+        (["train", *m, *d, *o, "--steps", "ten"], "invalid int value: 'ten'"),
+        (["eval", *m, *d, *o, "--stage", "7"], "--stage must be one of 1, 2, 3, got 7"),
+        (["generate", *m, *o, "--user", "u1", "--prompt", "hi"], "is not a trained run (no users.json)"),
+        (["export", *m, *o, "--user", "u1", "--dest", str(tmp_path / "x")], "is not a trained run"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ]
+    for argv, pattern in cases:
+        assert pattern in _refused(capsys, argv), (argv, pattern)
+    monkeypatch.undo()
+    # malformed data: found when it is read, still one line naming the file and the line
+    err = _refused(capsys, ["train", *m, "--data", str(bad), "--out", str(tmp_path / "run2"), "--steps", "1"])
+    assert "bad.jsonl" in err and "line" in err
+
+
+def test_unknown_and_cold_start_users(workspace, capsys):
+    root, data, model_dir, task = workspace
+    out = root / "run"  # trained by test_train_eval_generate_export
+    if not (out / "users.json").is_file():
+        pytest.skip("needs the trained run of test_train_eval_generate_export")
+    common = ["--model", str(model_dir), "--out", str(out), "--max-length", "16"]
+    err = _refused(capsys, ["generate", *common, "--user", "nobody", "--prompt", "hi"])
+    assert "--user: unknown user 'nobody'" in err and "-1 is a user without a row" in err
+    assert main(["generate", *common, "--user", "-1", "--prompt", "opinion on apples", "--max-new-tokens", "2"]) == 0
+    said = json.loads(capsys.readouterr().out)
+    assert said["user"] == -1 and isinstance(said["output"], str)
+
+
+def test_debug_shows_the_traceback(workspace, tmp_path):
+    root, data, model_dir, task = workspace
+    argv = ["train", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "r"), "--steps", "0"]
+    with pytest.raises(Exception, match="--steps must be positive"):
+        main([*argv, "--debug"])
