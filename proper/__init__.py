@@ -7,6 +7,7 @@ user-aware router -> per-user LoRA with a LoRA-aware router), fast to train and 
     model = proper.patch_model(hf_model, cfg)
     with proper.user_context(model, user_ids):   # one id per sequence, -1 = no row
         out = model(input_ids=...)
+    out = model(input_ids=..., user_ids=user_ids)  # the same; also model.generate(..., user_ids=)
 """
 
 from .config import ProperConfig
@@ -15,6 +16,7 @@ from .io import AdapterFileError, load_adapters, load_config, save_adapters
 from .layer import ProperLinear
 from .optim import LazyAdamW
 from .patching import (
+    accept_user_ids,
     aux_losses,
     get_config,
     is_patched,
@@ -34,6 +36,7 @@ __all__ = [
     "LazyAdamW",
     "ProperConfig",
     "ProperLinear",
+    "accept_user_ids",
     "aux_losses",
     "export_peft",
     "get_config",

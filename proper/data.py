@@ -681,3 +681,28 @@ def collate_prompts(examples: Sequence[Example], tokenizer, user_index: Optional
     batch = pad_encoded(enc, pad, padding_side="left")
     del batch["labels"]
     return batch
+
+
+class TrainerCollator:
+    """A ``data_collator`` for transformers' ``Trainer`` (and TRL's trainers) over proper's
+    records: a list of :class:`Example` (``load_jsonl``'s records) becomes the batch of
+    :func:`collate` with the bank rows under ``user_ids``, the argument a patched model's
+    forward takes. Examples pass Trainer's ``remove_unused_columns`` untouched (it only
+    filters dict rows), so the default settings work::
+
+        Trainer(model=patched, args=args, train_dataset=load_jsonl(path),
+                data_collator=TrainerCollator(tokenizer, UserIndex.from_examples(data), 256))
+    """
+
+    def __init__(self, tokenizer, user_index: Optional[UserIndex], max_length: int, **encode_kwargs) -> None:
+        self.tokenizer, self.user_index, self.max_length = tokenizer, user_index, max_length
+        self.encode_kwargs = encode_kwargs
+
+    def __call__(self, records: Sequence[Example]) -> dict[str, Tensor]:
+        bad = next((r for r in records if not isinstance(r, Example)), None)
+        if bad is not None:
+            raise TypeError(f"TrainerCollator batches proper.data.Example records (load_jsonl's), got "
+                            f"{type(bad).__name__}")
+        batch = collate(records, self.tokenizer, self.user_index, self.max_length, **self.encode_kwargs)
+        batch["user_ids"] = batch.pop("user_rows")
+        return batch

@@ -8,6 +8,8 @@ changed, and ``unpatch`` puts the very same objects and flags back.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import re
 from typing import Callable, Iterator, Optional, Sequence, Union
 
@@ -116,11 +118,13 @@ def patch_model(
             swapped.append((parent, child, found[name]))
             patch.layers[name] = layer
         setattr(model, _ATTR, patch)
+        accept_user_ids(model)
     except BaseException:
         for parent, child, module in reversed(swapped):
             setattr(parent, child, module)
         if hasattr(model, _ATTR):
             delattr(model, _ATTR)
+        _drop_user_ids(model)
         for n, p in model.named_parameters():
             if n in requires_grad:
                 p.requires_grad_(requires_grad[n])
@@ -194,6 +198,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         if n in patch.requires_grad:
             p.requires_grad_(patch.requires_grad[n])
     delattr(model, _ATTR)
+    _drop_user_ids(model)
     return model
 
 
@@ -232,6 +237,28 @@ def set_backend(model: nn.Module, backend: str) -> nn.Module:
     return model
 
 
+def _user_states(model: nn.Module) -> list[UserState]:
+    """The user states of `model`'s ProperLinear layers: the one patch_model made, or those of
+    the layers a user put in a module by hand (distinct ones, in module order)."""
+    if is_patched(model):
+        return [_patch_of(model).state]
+    states: dict[int, UserState] = {}
+    for module in model.modules():
+        if isinstance(module, ProperLinear):
+            states.setdefault(id(module._state), module._state)
+    if not states:
+        raise ValueError(f"{type(model).__name__} holds no ProperLinear layer: call proper.patch_model(model, "
+                         "config) first, or build it with proper.ProperLinear layers")
+    return list(states.values())
+
+
+def _device_of(model: nn.Module, fallback: torch.device) -> torch.device:
+    for module in model.modules():
+        if isinstance(module, ProperLinear):
+            return module.lora_A.device
+    return fallback
+
+
 @contextlib.contextmanager
 def user_context(model: nn.Module, user_ids: Union[Tensor, Sequence[int]]) -> Iterator[Tensor]:
     """Give every ProperLinear of `model` the user of each sequence for the calls inside.
@@ -240,9 +267,9 @@ def user_context(model: nn.Module, user_ids: Union[Tensor, Sequence[int]]) -> It
     -1 is a user without a row (cold start: group path, default router row). Ids are
     checked once here; any id < -1 or >= num_users is an error naming it. Contexts nest.
     On a model holding a shard of the bank (``patch_model(..., shard=)``), every user must be
-    one of the shard's.
+    one of the shard's. `model` is a patched model, or any module holding ProperLinear layers.
     """
-    patch = _patch_of(model)
+    states = _user_states(model)
     if not isinstance(user_ids, Tensor):
         try:
             user_ids = torch.as_tensor(user_ids)
@@ -253,25 +280,68 @@ def user_context(model: nn.Module, user_ids: Union[Tensor, Sequence[int]]) -> It
     user_ids = signed_ids(user_ids)  # int64 before the range check, so -1 keeps its meaning
     if user_ids.dim() != 1:
         raise ValueError(f"user_ids must be 1-D (one id per sequence), got shape {tuple(user_ids.shape)}")
-    check_id_range(user_ids, patch.config.num_users)
-    layers = list(patch.layers.values())
-    device = layers[0].lora_A.device if layers else user_ids.device
-    ids = user_ids.to(device=device, dtype=torch.long)
-    if patch.state.shard is not None:
-        rank, world_size = patch.state.shard
-        foreign = (ids >= 0) & (ids % world_size != rank)
-        if bool(foreign.any()):
-            raise ValueError(
-                f"user_ids {ids[foreign][:5].tolist()} are not in this model's shard of the user bank: rank "
-                f"{rank} of {world_size} holds the users u % {world_size} == {rank}"
-            )
-        ids = torch.where(ids >= 0, ids // world_size, ids)  # rows of the shard
-    previous = patch.state.user_ids
-    patch.state.user_ids = ids
+    for state in states:
+        check_id_range(user_ids, state.num_users)
+    ids = user_ids.to(device=_device_of(model, user_ids.device), dtype=torch.long)
+    local = []
+    for state in states:
+        rows = ids
+        if state.shard is not None:
+            rank, world_size = state.shard
+            foreign = (ids >= 0) & (ids % world_size != rank)
+            if bool(foreign.any()):
+                raise ValueError(
+                    f"user_ids {ids[foreign][:5].tolist()} are not in this model's shard of the user bank: rank "
+                    f"{rank} of {world_size} holds the users u % {world_size} == {rank}"
+                )
+            rows = torch.where(ids >= 0, ids // world_size, ids)  # rows of the shard
+        local.append(rows)
+    previous = [state.user_ids for state in states]
+    for state, rows in zip(states, local):
+        state.user_ids = rows
     try:
-        yield ids
+        yield local[0]
     finally:
-        patch.state.user_ids = previous
+        for state, prev in zip(states, previous):
+            state.user_ids = prev
+
+
+_FORWARD_ATTR = "_proper_forward"  # set on a model whose forward accept_user_ids wrapped
+
+
+def accept_user_ids(model: nn.Module) -> nn.Module:
+    """Let ``model(..., user_ids=LongTensor[batch])`` (and so ``model.generate(...,
+    user_ids=...)``, transformers' Trainer and TRL) carry the users: the call runs inside
+    ``user_context(model, user_ids)``. The forward's signature shows ``user_ids``, so
+    Trainer keeps that column of a dataset. ``patch_model`` does this; call it on a module
+    you built with ProperLinear layers yourself. ``unpatch`` undoes it."""
+    if getattr(model, _FORWARD_ATTR, None) is not None:
+        return model
+    original = model.forward
+    sig = inspect.signature(original)
+    if "user_ids" in sig.parameters:
+        raise ValueError(f"{type(model).__name__}.forward already takes a user_ids argument")
+
+    @functools.wraps(original)
+    def forward(*args, user_ids=None, **kwargs):
+        if user_ids is None:
+            return original(*args, **kwargs)
+        with user_context(model, user_ids):
+            return original(*args, **kwargs)
+
+    params = list(sig.parameters.values())
+    at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+    params.insert(at, inspect.Parameter("user_ids", inspect.Parameter.KEYWORD_ONLY, default=None))
+    forward.__signature__ = sig.replace(parameters=params)
+    model.forward = forward  # an instance attribute: nn.Module.__call__ finds it first
+    setattr(model, _FORWARD_ATTR, original)
+    return model
+
+
+def _drop_user_ids(model: nn.Module) -> None:
+    if getattr(model, _FORWARD_ATTR, None) is not None:
+        del model.forward
+        delattr(model, _FORWARD_ATTR)
 
 
 def aux_losses(model: nn.Module, reduce: Optional[Callable[[Tensor], Tensor]] = None) -> dict[str, Tensor]:

@@ -395,8 +395,8 @@ def test_batched_generation_for_many_users_matches_one_user_at_a_time(spec):
         assert torch.equal(alone[0], together[i]), f"sequence {i} (user {u})"
 
 
-def test_user_context_needs_a_patched_model():
-    with pytest.raises(ValueError, match="not patched"):
+def test_user_context_needs_proper_layers():
+    with pytest.raises(ValueError, match="holds no ProperLinear layer: call proper.patch_model"):
         with proper.user_context(LLAMA.build(), [0]):
             pass
 
