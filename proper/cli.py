@@ -5,6 +5,7 @@
     proper eval --model PATH --data FILE --out DIR [--stage 3]
     proper generate --model PATH --out DIR --user ID --prompt TEXT [--stage 3]
     proper export --model PATH --out DIR --user ID --format peft --dest DIR [--stage N]
+    proper data lamp --task LaMP-N --questions Q.json [--outputs O.json] --out DIR
     proper bench [--device cpu|cuda] [--quick] [--out DIR]   speed and memory against peft
 
 `--model` is a Hugging Face causal LM directory (loaded offline with its tokenizer); `--out`
@@ -101,6 +102,16 @@ def _validate(args) -> None:
     stage = getattr(args, "stage", None)
     if stage is not None and stage not in STAGES:
         raise CliError(f"--stage must be one of {', '.join(map(str, STAGES))}, got {stage}")
+    if args.command == "data":
+        from .lamp import task_of
+
+        try:
+            task_of(args.task)
+        except ValueError as e:
+            raise CliError(str(e)) from None
+        for flag, path in (("--questions", args.questions), ("--outputs", args.outputs)):
+            if path is not None and not Path(path).is_file():
+                raise CliError(f"{flag}: no file at {path}")
     if args.command in ("generate", "export") and not (out / "users.json").is_file():
         raise CliError(f"--out: {out} is not a trained run (no users.json); run `proper train` first")
 
@@ -210,10 +221,29 @@ def cmd_eval(args) -> int:
     out = Path(args.out)
     build, tokenizer = _model_loader(args.model)
     split, users = _data(args, out)
+    kind = args.kind or _task_kind(split.test)
     model = load_stage(build, out, args.stage)
     table = evaluate(model, split.test, split.train, tokenizer, users, args.max_length, args.max_new_tokens,
-                     kind=args.kind)
+                     kind=kind)
     print(json.dumps(table, indent=2))
+    return 0
+
+
+def _task_kind(test) -> str:
+    """The metric kind of the test records' task (``proper data lamp`` marks them), else
+    generation."""
+    from .lamp import kind_of
+
+    tasks = {ex.extra.get("task") for ex in test}
+    if len(tasks) == 1 and None not in tasks:
+        return kind_of(tasks.pop())
+    return "generation"
+
+
+def cmd_data(args) -> int:
+    from .lamp import write
+
+    print(write(args.task, args.questions, args.outputs, args.out))
     return 0
 
 
@@ -330,7 +360,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = sub.add_parser("eval", help="LaMP metrics of a stage on the test split, per history bucket")
     _common(p)
     p.add_argument("--stage", type=int, default=3)
-    p.add_argument("--kind", choices=("classification", "rating", "generation"), default="generation")
+    p.add_argument("--kind", choices=("classification", "rating", "generation"), default=None,
+                   help="the metric family (default: the task's, for `proper data lamp` files; else generation)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(func=cmd_eval)
 
@@ -350,6 +381,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--stage", type=int, default=None,
                    help="the stage to export (default: the latest one with an exact PEFT export)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("data", help="convert a benchmark's files into proper's JSONL")
+    dsub = p.add_subparsers(dest="source", required=True)
+    p = dsub.add_parser("lamp", help="LaMP: questions (+ gold outputs) -> one user per question")
+    p.add_argument("--task", required=True, help="LaMP-1, -2, -3, -4, -5 or -7")
+    p.add_argument("--questions", required=True, help='the questions file: [{"id", "input", "profile"}]')
+    p.add_argument("--outputs", default=None, help='the gold outputs file: {"task", "golds": [{"id", "output"}]}')
+    p.add_argument("--out", required=True, help="the directory to write <task>.jsonl into")
+    p.set_defaults(func=cmd_data)
 
     sub.add_parser("bench", help="speed and memory against peft (proper bench --help)")
 

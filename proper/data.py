@@ -58,6 +58,7 @@ from ._fs import atomic_write, atomic_write_text
 UserId = Union[int, str]
 REQUIRED = ("user_id", "input", "output")
 TIME_KEY = "timestamp"
+SPLIT_KEY, SPLIT_PARTS = "split", ("train", "val", "test")  # a record's own part of the split
 INDEX_FORMAT = "proper-user-index"
 INDEX_VERSION = 1
 
@@ -507,6 +508,9 @@ def split_by_user(dataset: Iterable[Example], val: float = 0.1, test: float = 0.
                   time_key: Optional[str] = TIME_KEY) -> Split:
     """Split every user's history into train / validation / test.
 
+    Explicit mode (records carry ``extra["split"]``, one of "train", "val", "test", as
+    ``proper data lamp`` writes them): each record goes where it says.
+
     Time mode (every record has ``extra[time_key]``): each user's records are ordered by
     time (ties by position in ``dataset``), the latest go to test and the ones before them to
     validation, so train never holds a record later than one in validation or test.
@@ -522,6 +526,14 @@ def split_by_user(dataset: Iterable[Example], val: float = 0.1, test: float = 0.
             raise ValueError(f"{name} must be a fraction in [0, 1), got {frac!r}")
     if val + test >= 1.0:
         raise ValueError(f"val + test must be < 1, got {val + test}")
+    marked = [ex.extra.get(SPLIT_KEY) for ex in examples]
+    if any(m is not None for m in marked):  # explicit mode: the records say their part
+        bad = next((i for i, m in enumerate(marked) if m not in SPLIT_PARTS), None)
+        if bad is not None:
+            raise DataError(f"record has {SPLIT_KEY}={marked[bad]!r} where every record must have one of "
+                            f"{SPLIT_PARTS} once any has", examples.source, examples[bad].line)
+        parts = [Dataset((ex for ex, m in zip(examples, marked) if m == k), examples.source) for k in SPLIT_PARTS]
+        return Split(parts[0], parts[1], parts[2], "explicit")
     has = [time_key is not None and time_key in ex.extra for ex in examples]
     mode = "time" if has and all(has) else "random"
     if mode == "random" and any(has):
