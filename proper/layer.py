@@ -79,6 +79,9 @@ class UserState:
     def __init__(self, num_users: int, shard: Optional[tuple[int, int]] = None) -> None:
         self.num_users = num_users
         self.user_ids: Optional[Tensor] = None
+        # The ids of the latest context, kept after it ends: activation checkpointing recomputes
+        # a layer's forward during the backward, outside the context (see ProperLinear.forward).
+        self.recompute_ids: Optional[Tensor] = None
         self.shard = shard
         self._router_rows: dict[torch.device, Tensor] = {}
         self._plan: Optional[tuple] = None  # (ids, lead shape, device, BatchPlan)
@@ -204,6 +207,10 @@ class ProperLinear(nn.Module):
         if user_ids is None and self.needs_user_ids:
             user_ids = self._state.user_ids
             checked = True  # validated once by user_context
+            if user_ids is None and torch._C._current_graph_task_id() != -1:
+                # Inside a backward: activation checkpointing (Trainer's, TRL's) recomputing this
+                # forward after the context closed. It is the latest forward's batch: its ids.
+                user_ids = self._state.recompute_ids
             if user_ids is None:
                 raise RuntimeError(
                     "this ProperLinear has a user-aware router or a user bank but no user ids were "

@@ -118,13 +118,15 @@ def patch_model(
             swapped.append((parent, child, found[name]))
             patch.layers[name] = layer
         setattr(model, _ATTR, patch)
-        accept_user_ids(model)
+        for entry in _entry_points(model):
+            accept_user_ids(entry)
     except BaseException:
         for parent, child, module in reversed(swapped):
             setattr(parent, child, module)
         if hasattr(model, _ATTR):
             delattr(model, _ATTR)
-        _drop_user_ids(model)
+        for entry in _entry_points(model):
+            _drop_user_ids(entry)
         for n, p in model.named_parameters():
             if n in requires_grad:
                 p.requires_grad_(requires_grad[n])
@@ -198,7 +200,8 @@ def unpatch(model: nn.Module) -> nn.Module:
         if n in patch.requires_grad:
             p.requires_grad_(patch.requires_grad[n])
     delattr(model, _ATTR)
-    _drop_user_ids(model)
+    for entry in _entry_points(model):
+        _drop_user_ids(entry)
     return model
 
 
@@ -298,7 +301,7 @@ def user_context(model: nn.Module, user_ids: Union[Tensor, Sequence[int]]) -> It
         local.append(rows)
     previous = [state.user_ids for state in states]
     for state, rows in zip(states, local):
-        state.user_ids = rows
+        state.user_ids = state.recompute_ids = rows
     try:
         yield local[0]
     finally:
@@ -336,6 +339,17 @@ def accept_user_ids(model: nn.Module) -> nn.Module:
     model.forward = forward  # an instance attribute: nn.Module.__call__ finds it first
     setattr(model, _FORWARD_ATTR, original)
     return model
+
+
+def _entry_points(model: nn.Module) -> list[nn.Module]:
+    """The modules whose forward takes user_ids= on a patched model: the model, and its
+    backbone (a Hugging Face model's ``base_model``), which trainers such as TRL call
+    directly for their fused loss."""
+    out = [model]
+    backbone = getattr(model, "base_model", None)
+    if isinstance(backbone, nn.Module) and backbone is not model:
+        out.append(backbone)
+    return out
 
 
 def _drop_user_ids(model: nn.Module) -> None:

@@ -157,6 +157,10 @@ def test_every_refusal_is_one_line_before_anything_loads(workspace, capsys, tmp_
     ]
     for argv, pattern in cases:
         assert pattern in _refused(capsys, argv), (argv, pattern)
+        # and as a user runs it: a process of its own, exit status 2, one line, no traceback
+        out = subprocess.run([sys.executable, "-m", "proper.cli", *argv], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and out.stderr.startswith("proper: error: "), (argv, out.stderr)
+        assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr and pattern in out.stderr, out.stderr
     monkeypatch.undo()
     # malformed data: found when it is read, still one line naming the file and the line
     err = _refused(capsys, ["train", *m, "--data", str(bad), "--out", str(tmp_path / "run2"), "--steps", "1"])

@@ -156,3 +156,67 @@ def test_trainer_over_jsonl_records_with_the_collator(tmp_path):
     assert any(not torch.equal(after[k], before[k]) for k in after if k.endswith(".user_B"))
     with pytest.raises(TypeError, match="batches proper.data.Example records"):
         collator([{"user_id": "u", "input": "x", "output": "y"}])
+
+
+def test_activation_checkpointing_recomputes_with_the_batch_users():
+    """The backward recomputes checkpointed layers after the context closed: same gradients."""
+    ids, uid = make_batch(), torch.tensor(BATCH_IDS)
+    grads = []
+    for checkpointing in (False, True):
+        model = patched()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        model(input_ids=ids, labels=ids, user_ids=uid).loss.backward()
+        grads.append({k: v.grad.clone() for k, v in proper.io.adapter_state_dict(model).items()})
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        assert torch.allclose(grads[0][k], grads[1][k], rtol=1e-5, atol=1e-7), k
+
+
+def test_trl_sft_trainer_trains_with_a_user_ids_column(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    trl = pytest.importorskip("trl")
+    from proper.demo import word_tokenizer
+
+    model = proper.patch_model(LLAMA.build(), full_config(LLAMA.targets))
+    g = torch.Generator().manual_seed(0)
+    ds = datasets.Dataset.from_dict({"input_ids": [torch.randint(0, VOCAB, (9,), generator=g).tolist()
+                                                   for _ in range(16)],
+                                     "user_ids": [i % 3 for i in range(16)]})
+
+    def collate(rows):
+        x = torch.tensor([r["input_ids"] for r in rows])
+        return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone(),
+                "user_ids": torch.tensor([r["user_ids"] for r in rows])}
+
+    before = {k: v.detach().clone() for k, v in proper.io.adapter_state_dict(model).items()}
+    # remove_unused_columns=False: SFTTrainer keeps only the columns it knows otherwise (proper.hf).
+    # Its default activation checkpointing recomputes the layers in the backward.
+    cfg = trl.SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2,
+                        report_to=[], save_strategy="no", use_cpu=True, remove_unused_columns=False)
+    out = trl.SFTTrainer(model=model, args=cfg, train_dataset=ds, data_collator=collate,
+                         processing_class=word_tokenizer([f"w{i}" for i in range(VOCAB)])).train()
+    assert out.global_step == 3
+    after = proper.io.adapter_state_dict(model)
+    for k in [k for k in after if k.endswith(".user_B")]:
+        changed = (after[k] != before[k]).flatten(1).any(1)
+        assert changed[:3].all() and not changed[3:NUM_USERS].any(), k
+
+
+def test_trainer_checkpoints_hold_the_adapters_in_proper_format(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from proper.hf import ADAPTERS_DIR, SaveAdaptersCallback
+
+    model = proper.patch_model(LLAMA.build(), full_config(LLAMA.targets))
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": (ids := torch.randint(0, VOCAB, (9,), generator=g)), "labels": ids.clone(),
+             "user_ids": torch.tensor(i % 3)} for i in range(8)]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
+                             report_to=[], save_strategy="steps", save_steps=2, use_cpu=True)
+    Trainer(model=model, args=args, train_dataset=rows, callbacks=[SaveAdaptersCallback()]).train()
+    saved = tmp_path / "checkpoint-2" / ADAPTERS_DIR
+    fresh = proper.load_adapters(LLAMA.build(), saved)
+    want, got = proper.io.adapter_state_dict(model), proper.io.adapter_state_dict(fresh)
+    assert want.keys() == got.keys() and all(torch.equal(want[k].detach(), got[k].detach()) for k in want)
