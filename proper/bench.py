@@ -122,6 +122,17 @@ def paired_overhead(t: Timing, base: Timing) -> Timing:
     return Timing(d, d, d, t.reps)
 
 
+def resolved_at_noise(d: Timing) -> bool:
+    """Whether a paired difference is told apart from zero: its p20..p80 spread is on one side."""
+    return d.p20_ms > 0 or d.p80_ms < 0
+
+
+def describe_overhead(d: Timing) -> str:
+    if resolved_at_noise(d):
+        return f"{d.median_ms:.1f} ms"
+    return f"not resolved at this noise ({d.p20_ms:.1f}..{d.p80_ms:.1f} ms)"
+
+
 def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, rounds: int,
                      warmup: int = 2) -> dict[str, Timing]:
     """Every function once per round, rounds in a rotating order; per-function quantiles (ms)."""
@@ -461,6 +472,7 @@ def run_model(device, dtype, dtype_name: str, quick: bool, rounds: int, compile_
     # difference to the eager base is not an adapter cost (its forward time is in the rows)
     paired = {n: paired_overhead(t, timings["base"]) for n, t in timings.items() if n not in ("base", "proper-compile")}
     overhead = {n: t.median_ms for n, t in paired.items()}
+    resolved = {n: resolved_at_noise(t) for n, t in paired.items()}
     summary = {
         "model": f"Llama {mc.layers} layers x {mc.hidden} hidden, {mc.users} users x {mc.seq} tokens, per-user "
                  f"LoRA r={mc.rank} on {', '.join(mc.targets)}",
@@ -468,11 +480,16 @@ def run_model(device, dtype, dtype_name: str, quick: bool, rounds: int, compile_
         "adapter_overhead_ms": overhead,
         "adapter_overhead_p20_p80_ms": {n: [t.p20_ms, t.p80_ms] for n, t in paired.items()},
         "overhead_method": "median over rounds of (variant time - base time in the same round)",
+        # resolved: the p20..p80 spread of the paired differences does not cross zero
+        "adapter_overhead_resolved": resolved,
+        # only where both overheads are resolved and positive; a ratio of noise is not printed
         "overhead_ratio_peft_mixed_over_proper": (overhead["peft-mixed"] / overhead["proper"]
-                                                  if overhead["proper"] > 0 else None),
+                                                  if resolved["proper"] and resolved["peft-mixed"]
+                                                  and overhead["proper"] > 0 and overhead["peft-mixed"] > 0
+                                                  else None),
     }
     log("model forward: " + ", ".join(f"{n} {t.median_ms:.1f} ms" for n, t in timings.items()))
-    log("adapter overhead: " + ", ".join(f"{n} {v:.1f} ms" for n, v in overhead.items()))
+    log("adapter overhead: " + ", ".join(f"{n} {describe_overhead(paired[n])}" for n in overhead))
     del models
     gc.collect()
     return rows, summary
@@ -659,10 +676,15 @@ def markdown(result: dict) -> str:
         lines += [f"## Personalization overhead ({s['model']})", "",
                   "| variant | adapter overhead ms (median) | p20-p80 ms |", "|---|---|---|",
                   f"| base (no adapters, {s['base_ms']:.2f} ms) | - | - |"]
+        ok = s.get("adapter_overhead_resolved", {})
         lines += [f"| {n} | {v:.2f} | {s['adapter_overhead_p20_p80_ms'][n][0]:.2f}-"
+                  f"{s['adapter_overhead_p20_p80_ms'][n][1]:.2f} |" if ok.get(n, True) else
+                  f"| {n} | not resolved at this noise | {s['adapter_overhead_p20_p80_ms'][n][0]:.2f}-"
                   f"{s['adapter_overhead_p20_p80_ms'][n][1]:.2f} |" for n, v in s["adapter_overhead_ms"].items()]
-        lines += ["", f"PEFT `adapter_names` overhead / proper overhead: "
-                      f"{_fmt(s['overhead_ratio_peft_mixed_over_proper'], '.1f')}x", ""]
+        ratio = s["overhead_ratio_peft_mixed_over_proper"]
+        lines += ["", "PEFT `adapter_names` overhead / proper overhead: "
+                  + (f"{ratio:.1f}x" if ratio is not None else
+                     "not resolved at this noise (an overhead's p20..p80 spread crosses zero)"), ""]
         if "train_step_ms" in s:
             t = s["train_step_ms"]
             lines += [f"Training step (same model, {s['model'].split(',')[0]}, 4 experts top-2 on the FFN): "

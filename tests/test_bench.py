@@ -105,3 +105,13 @@ def test_cuda_without_a_gpu_is_a_clear_error(capsys):
         pytest.skip("a GPU is present")
     assert cli_main(["bench", "--device", "cuda"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_an_overhead_whose_spread_crosses_zero_is_not_resolved():
+    from proper.bench import Timing, describe_overhead, paired_overhead, resolved_at_noise
+
+    base = Timing(10.0, 9.0, 11.0, 5, [10.0, 9.0, 11.0, 10.5, 9.5])
+    noisy = paired_overhead(Timing(10.2, 8.0, 12.0, 5, [8.0, 12.0, 10.2, 9.0, 11.0]), base)
+    clear = paired_overhead(Timing(30.0, 29.0, 31.0, 5, [30.0, 29.0, 31.0, 30.5, 29.5]), base)
+    assert not resolved_at_noise(noisy) and "not resolved at this noise" in describe_overhead(noisy)
+    assert resolved_at_noise(clear) and describe_overhead(clear) == "20.0 ms"
