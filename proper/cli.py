@@ -86,17 +86,18 @@ def _validate(args) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CliError(f"--out: {out} is a file, not a run directory")
-    for name in ("max_length", "max_new_tokens", "steps", "save_every", "batch_size", "experts", "rank",
-                 "users"):
+    for name in ("max_length", "max_new_tokens", "save_every", "batch_size", "experts", "rank", "users",
+                 "population_rank", "alpha", "user_alpha", "population_alpha"):
         if getattr(args, name, None) is not None:
             _positive("--" + name.replace("_", "-"), getattr(args, name))
-    for name in ("user_rank", "load_balance", "distinctness", "seed"):
+    for name in ("user_rank", "load_balance", "distinctness", "seed", "log_every"):
         if getattr(args, name, None) is not None:
             _positive("--" + name.replace("_", "-"), getattr(args, name), allow_zero=True)
     if getattr(args, "lr", None) is not None:
         _positive("--lr", args.lr)
     if args.command == "train":
         args.stage_list = _stages(args.stages)
+        args.steps_per_stage = _steps(args.steps)
         if not 1 <= args.top_k <= args.experts:
             raise CliError(f"--top-k must be in [1, --experts] = [1, {args.experts}], got {args.top_k}")
     stage = getattr(args, "stage", None)
@@ -144,15 +145,48 @@ def _model_loader(path: str):
     return build, tokenizer
 
 
+def _defaults() -> tuple[dict, dict]:
+    """The field defaults of PipelineConfig and TrainConfig (the CLI states none of its own)."""
+    import dataclasses
+
+    from .stages import PipelineConfig
+    from .trainer import TrainConfig
+
+    def of(cls):
+        return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+    return of(PipelineConfig), of(TrainConfig)
+
+
+def _steps(text: str) -> dict[int, int]:
+    """--steps: one count for every stage, or one per stage."""
+    from .stages import STAGES
+
+    try:
+        counts = [int(v) for v in str(text).split(",")]
+    except ValueError:
+        raise CliError(f"--steps must be a positive integer or one per stage ({len(STAGES)}), got {text!r}") from None
+    if len(counts) == 1:
+        counts = counts * len(STAGES)
+    if len(counts) != len(STAGES) or any(c <= 0 for c in counts):
+        raise CliError(f"--steps must be a positive integer or {len(STAGES)} of them (one per stage), got {text!r}")
+    return dict(zip(STAGES, counts))
+
+
 def _pipeline_config(args, num_users: int):
     from .stages import PipelineConfig
     from .trainer import TrainConfig
 
-    tc = TrainConfig(steps=args.steps, lr=args.lr, save_every=args.save_every, seed=args.seed,
-                     load_balance=args.load_balance, distinctness=args.distinctness, parallel=args.parallel,
-                     mixed_precision=None if args.mixed_precision == "no" else args.mixed_precision)
-    return PipelineConfig(num_users=num_users, target_modules=tuple(args.target_modules), num_experts=args.experts,
-                          top_k=args.top_k, rank=args.rank, user_rank=args.user_rank, train={s: tc for s in (1, 2, 3)})
+    def train(steps):
+        return TrainConfig(steps=steps, lr=args.lr, save_every=args.save_every, seed=args.seed, log_every=args.log_every,
+                           load_balance=args.load_balance, distinctness=args.distinctness, parallel=args.parallel,
+                           mixed_precision=None if args.mixed_precision == "no" else args.mixed_precision)
+
+    return PipelineConfig(num_users=num_users, target_modules=tuple(args.target_modules),
+                          population_rank=args.population_rank, population_alpha=args.population_alpha,
+                          num_experts=args.experts, top_k=args.top_k, rank=args.rank, alpha=args.alpha,
+                          user_rank=args.user_rank, user_alpha=args.user_alpha,
+                          train={s: train(n) for s, n in args.steps_per_stage.items()})
 
 
 def _data(args, out: Path):
@@ -339,18 +373,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     p = sub.add_parser("train", help="train stages 1-3 on your model and data")
     _common(p)
+    # Defaults: the pipeline's and the trainer's own (PipelineConfig, TrainConfig), stated there once.
+    pc, tc = _defaults()
     p.add_argument("--stages", default="1,2,3")
-    p.add_argument("--target-modules", nargs="+", default=["gate_proj", "up_proj", "down_proj"])
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--user-rank", type=int, default=8)
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--target-modules", nargs="+", default=list(pc["target_modules"]))
+    p.add_argument("--population-rank", type=int, default=pc["population_rank"], help="stage 1's LoRA rank")
+    p.add_argument("--population-alpha", type=float, default=pc["population_alpha"])
+    p.add_argument("--experts", type=int, default=pc["num_experts"])
+    p.add_argument("--top-k", type=int, default=pc["top_k"])
+    p.add_argument("--rank", type=int, default=pc["rank"], help="stage 2's expert rank")
+    p.add_argument("--alpha", type=float, default=pc["alpha"], help="stage 2's LoRA alpha (scaling alpha / rank)")
+    p.add_argument("--user-rank", type=int, default=pc["user_rank"], help="stage 3's per-user rank")
+    p.add_argument("--user-alpha", type=float, default=pc["user_alpha"], help="stage 3's alpha (user_alpha / user_rank)")
+    p.add_argument("--steps", default=str(tc["steps"]),
+                   help="training steps: one number for every stage, or one per stage (e.g. 100,200,300)")
+    p.add_argument("--lr", type=float, default=tc["lr"])
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--load-balance", type=float, default=0.01, help="weight of stage 2's load-balance loss")
-    p.add_argument("--distinctness", type=float, default=0.01, help="weight of stage 2's expert distinctness loss")
+    p.add_argument("--save-every", type=int, default=tc["save_every"])
+    p.add_argument("--log-every", type=int, default=tc["log_every"],
+                   help="a progress line every N steps when the output is not a terminal (0: none)")
+    p.add_argument("--load-balance", type=float, default=tc["load_balance"], help="weight of stage 2's load-balance loss")
+    p.add_argument("--distinctness", type=float, default=tc["distinctness"],
+                   help="weight of stage 2's expert distinctness loss")
     p.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
                    help="several processes (torchrun, accelerate launch): DDP or FSDP2 over all but the user bank")
     p.add_argument("--mixed-precision", choices=("no", "bf16"), default="no",

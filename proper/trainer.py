@@ -18,6 +18,8 @@ import math
 import os
 import re
 import shutil
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -59,6 +61,9 @@ class TrainConfig:
     save_every: int = 50
     seed: int = 0
     progress: bool = True
+    # when the output is not a terminal (a log file, CI), a line every this many steps: step,
+    # loss, learning rate, tokens/s (0: none). On a terminal the progress bar shows them.
+    log_every: int = 10
     router_lr_scale: float = 1.0  # the routers' learning rate is lr times this
     # learning-rate schedule over the run: "constant", or "cosine" (linear warm-up over the
     # first `warmup` fraction of the steps, then a cosine decay to 0). A function of the step
@@ -342,6 +347,8 @@ def train(
     # disable=None: bars on a terminal only, not in logs and CI output
     bar = tqdm(range(start, cfg.steps), desc=desc, disable=None if cfg.progress else True, initial=start,
                total=cfg.steps)
+    log_lines = cfg.progress and cfg.log_every > 0 and not sys.stderr.isatty() and rank == 0
+    tokens, t_last = 0, time.perf_counter()
     for step in bar:
         for group, lr in zip(opt.param_groups, base_lrs):
             group["lr"] = lr * lr_factor(cfg, step)
@@ -376,6 +383,13 @@ def train(
         opt.step()
         losses.append(shown.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if log_lines:
+            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                now = time.perf_counter()
+                print(f"{desc}: step {step + 1}/{cfg.steps} loss {losses[-1]:.4f} lr {opt.param_groups[0]['lr']:.3g} "
+                      f"{tokens / max(now - t_last, 1e-9):.0f} tokens/s", file=sys.stderr, flush=True)
+                tokens, t_last = 0, now
         if on_step is not None:
             on_step(step, losses[-1])
         done = step + 1

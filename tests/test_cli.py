@@ -146,10 +146,13 @@ def test_every_refusal_is_one_line_before_anything_loads(workspace, capsys, tmp_
         (["train", *m, *d, *o, "--stages", "4"], "--stages must be a comma-separated list of 1, 2, 3, got '4'"),
         (["train", *m, *d, *o, "--stages", "one"], "--stages must be"),
         (["train", *m, *d, *o, "--save-every", "0"], "--save-every must be positive, got 0"),
-        (["train", *m, *d, *o, "--steps", "-5"], "--steps must be positive, got -5"),
+        (["train", *m, *d, *o, "--steps", "-5"], "--steps must be a positive integer or 3 of them (one per stage), "
+                                                  "got '-5'"),
+        (["train", *m, *d, *o, "--steps", "10,20"], "--steps must be a positive integer or 3 of them"),
+        (["train", *m, *d, *o, "--alpha", "0"], "--alpha must be positive, got 0.0"),
         (["train", *m, *d, *o, "--lr", "nan"], "--lr must be positive"),
         (["train", *m, *d, *o, "--top-k", "5", "--experts", "2"], "--top-k must be in [1, --experts] = [1, 2]"),
-        (["train", *m, *d, *o, "--steps", "ten"], "invalid int value: 'ten'"),
+        (["train", *m, *d, *o, "--steps", "ten"], "--steps must be a positive integer or one per stage"),
         (["eval", *m, *d, *o, "--stage", "7"], "--stage must be one of 1, 2, 3, got 7"),
         (["generate", *m, *o, "--user", "u1", "--prompt", "hi"], "is not a trained run (no users.json)"),
         (["export", *m, *o, "--user", "u1", "--dest", str(tmp_path / "x")], "is not a trained run"),
@@ -183,5 +186,48 @@ def test_unknown_and_cold_start_users(workspace, capsys):
 def test_debug_shows_the_traceback(workspace, tmp_path):
     root, data, model_dir, task = workspace
     argv = ["train", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "r"), "--steps", "0"]
-    with pytest.raises(Exception, match="--steps must be positive"):
+    with pytest.raises(Exception, match="--steps must be a positive integer"):
         main([*argv, "--debug"])
+
+
+def test_train_defaults_come_from_the_configs_and_steps_per_stage(workspace, tmp_path, capfd):
+    """No default of its own: PipelineConfig's sizes and scalings, TrainConfig's rates; --steps per
+    stage; a progress line per --log-every steps when the output is not a terminal."""
+    import argparse
+
+    import proper.cli as cli
+    from proper.stages import PipelineConfig
+    from proper.trainer import TrainConfig
+
+    root, data, model_dir, task = workspace
+    seen = {}
+
+    def fake_run_stage(build, sampler, out, cfg, stage, **kw):
+        seen[stage] = cfg
+
+    argv = ["train", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "r"),
+            "--steps", "3,4,5"]
+    import proper.stages
+
+    real = proper.stages.run_stage
+    proper.stages.run_stage = fake_run_stage
+    try:
+        assert main(argv) == 0
+    finally:
+        proper.stages.run_stage = real
+    cfg = seen[3]
+    want = PipelineConfig(num_users=1)
+    for f in ("num_experts", "top_k", "rank", "alpha", "user_rank", "user_alpha", "population_rank",
+              "population_alpha", "target_modules"):
+        assert getattr(cfg, f) == getattr(want, f), f
+    assert [cfg.train[s].steps for s in (1, 2, 3)] == [3, 4, 5]
+    assert cfg.train[1].lr == TrainConfig().lr and cfg.train[1].save_every == TrainConfig().save_every
+    # a real run into a log (not a terminal): progress lines
+    out = tmp_path / "logged"
+    assert main(["train", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--max-length", "16",
+                 "--stages", "1", "--steps", "4", "--log-every", "2", "--experts", "2", "--rank", "2",
+                 "--user-rank", "2", "--batch-size", "4"]) == 0
+    err = capfd.readouterr().err
+    lines = [ln for ln in err.splitlines() if " step " in ln and "tokens/s" in ln]
+    assert [ln.split(" step ")[1].split()[0] for ln in lines] == ["2/4", "4/4"], err
+    assert all(" loss " in ln and " lr " in ln for ln in lines)
