@@ -2,7 +2,7 @@
 
     proper demo [--out DIR] [--users N] [--seed S]       the whole method on the built-in task
     proper train --model PATH --data FILE --out DIR [--stages 1,2,3]
-    proper eval --model PATH --data FILE --out DIR [--stage 3]
+    proper eval --model PATH --data FILE --out DIR [--stage 3] [--predictions FILE]
     proper generate --model PATH --out DIR --user ID --prompt TEXT [--stage 3]
     proper export --model PATH --out DIR --user ID --format peft --dest DIR [--stage N]
     proper data lamp --task LaMP-N --questions Q.json [--outputs O.json] --out DIR
@@ -103,6 +103,9 @@ def _validate(args) -> None:
     stage = getattr(args, "stage", None)
     if stage is not None and stage not in STAGES:
         raise CliError(f"--stage must be one of {', '.join(map(str, STAGES))}, got {stage}")
+    predictions = getattr(args, "predictions", None)
+    if predictions is not None and (Path(predictions).is_dir() or not Path(predictions).parent.is_dir()):
+        raise CliError(f"--predictions: cannot write a file at {predictions}")
     if args.command == "data":
         from .lamp import task_of
 
@@ -249,7 +252,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .pipeline import evaluate
+    from ._fs import atomic_write_text
+    from .metrics import score, score_by_bucket
+    from .pipeline import generate
     from .stages import load_stage
 
     out = Path(args.out)
@@ -257,8 +262,19 @@ def cmd_eval(args) -> int:
     split, users = _data(args, out)
     kind = args.kind or _task_kind(split.test)
     model = load_stage(build, out, args.stage)
-    table = evaluate(model, split.test, split.train, tokenizer, users, args.max_length, args.max_new_tokens,
-                     kind=kind)
+    test = list(split.test)
+    preds = generate(model, test, tokenizer, users, args.max_length, args.max_new_tokens)
+    refs, uids = [ex.output for ex in test], [ex.user_id for ex in test]
+    table = score_by_bucket(kind, preds, refs, uids, split.train.counts())
+    per_user: dict[str, list[int]] = {}
+    for i, u in enumerate(uids):
+        per_user.setdefault(str(u), []).append(i)
+    table["per_user"] = {u: {**score(kind, [preds[i] for i in idx], [refs[i] for i in idx]), "records": len(idx)}
+                         for u, idx in per_user.items()}
+    if args.predictions:
+        lines = [json.dumps({"user_id": ex.user_id, "input": ex.input, "reference": ex.output, "prediction": p})
+                 for ex, p in zip(test, preds)]
+        atomic_write_text(args.predictions, "".join(line + "\n" for line in lines))
     print(json.dumps(table, indent=2))
     return 0
 
@@ -407,6 +423,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--kind", choices=("classification", "rating", "generation"), default=None,
                    help="the metric family (default: the task's, for `proper data lamp` files; else generation)")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--predictions", default=None,
+                   help="also write one JSONL line per test record: user_id, input, reference, prediction")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="generate for one user")

@@ -97,10 +97,17 @@ def test_lamp_end_to_end_with_the_tasks_metric(tmp_path, model_dir, capsys, task
     assert main(["train", *common, "--steps", "2", "--save-every", "2", "--experts", "2", "--rank", "2",
                  "--user-rank", "2", "--batch-size", "4"]) == 0
     capsys.readouterr()
-    assert main(["eval", *common, "--max-new-tokens", "3"]) == 0  # no --kind: the task's metric
+    preds = tmp_path / "preds.jsonl"
+    assert main(["eval", *common, "--max-new-tokens", "3", "--predictions", str(preds)]) == 0  # the task's metric
     table = json.loads(capsys.readouterr().out)
     assert metrics <= set(table["all"]), table["all"]
     assert table["all"]["records"] == 4 and table["all"]["users"] == 4
+    assert set(table["per_user"]) == {f"{task}-q{u}" for u in range(4)}
+    assert all(metrics <= set(row) and row["records"] == 1 for row in table["per_user"].values())
+    lines = [json.loads(line) for line in preds.read_text().splitlines()]
+    golds = {g["id"]: g["output"] for g in json.loads(o.read_text())["golds"]}
+    assert [(r["user_id"], r["reference"]) for r in lines] == [(u, golds[u]) for u in sorted(golds)]
+    assert all(set(r) == {"user_id", "input", "reference", "prediction"} for r in lines)
 
 
 def test_data_lamp_refusals_are_one_line(tmp_path):
