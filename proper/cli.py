@@ -131,6 +131,11 @@ def _user(users, text: str, allow_cold: bool):
                        + ("; -1 is a user without a row)" if allow_cold else ")")) from None
 
 
+def _check_chat_template(args, tokenizer) -> None:
+    if getattr(args, "chat_template", False) and not getattr(tokenizer, "chat_template", None):
+        raise CliError(f"--chat-template: the tokenizer of {args.model} has no chat template")
+
+
 def _model_loader(path: str):
     import os
 
@@ -237,8 +242,9 @@ def cmd_train(args) -> int:
     _init_distributed()
     out = Path(args.out)
     build, tokenizer = _model_loader(args.model)
+    _check_chat_template(args, tokenizer)
     split, users = _data(args, out)
-    enc = encode_split(split.train, tokenizer, users, args.max_length)
+    enc = encode_split(split.train, tokenizer, users, args.max_length, chat_template=args.chat_template)
     pad = special_token_ids(tokenizer)[2]
     cfg = _pipeline_config(args, len(users))
     for stage in args.stage_list:
@@ -259,11 +265,13 @@ def cmd_eval(args) -> int:
 
     out = Path(args.out)
     build, tokenizer = _model_loader(args.model)
+    _check_chat_template(args, tokenizer)
     split, users = _data(args, out)
     kind = args.kind or _task_kind(split.test)
     model = load_stage(build, out, args.stage)
     test = list(split.test)
-    preds = generate(model, test, tokenizer, users, args.max_length, args.max_new_tokens)
+    preds = generate(model, test, tokenizer, users, args.max_length, args.max_new_tokens,
+                     chat_template=args.chat_template)
     refs, uids = [ex.output for ex in test], [ex.user_id for ex in test]
     table = score_by_bucket(kind, preds, refs, uids, split.train.counts())
     per_user: dict[str, list[int]] = {}
@@ -306,9 +314,10 @@ def cmd_generate(args) -> int:
     users = UserIndex.load(out / "users.json")
     uid = _user(users, args.user, allow_cold=True)
     build, tokenizer = _model_loader(args.model)
+    _check_chat_template(args, tokenizer)
     model = load_stage(build, out, args.stage)
     text = generate(model, [Example(uid, args.prompt, "x")], tokenizer, users, args.max_length,
-                    args.max_new_tokens)[0]
+                    args.max_new_tokens, chat_template=args.chat_template)[0]
     print(json.dumps({"user": uid, "prompt": args.prompt, "output": text}))
     return 0
 
@@ -367,6 +376,8 @@ def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("--out", required=True, help="the run directory (stages, user index)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--chat-template", action="store_true",
+                   help="format input/output with the tokenizer's chat template (train, eval and generate alike)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

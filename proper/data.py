@@ -610,9 +610,40 @@ def _tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
+def _chat_encode(examples: Sequence[Example], tokenizer, rows: list[int], max_length: int,
+                 with_target: bool) -> list[Encoded]:
+    """encode() through the tokenizer's chat template: the prompt is the user turn with the
+    assistant's generation prompt, the target the assistant turn as the template ends it."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("--chat-template: the tokenizer has no chat template (tokenizer.chat_template is unset)")
+    _, eos, _ = special_token_ids(tokenizer)
+    out = []
+    for ex, row in zip(examples, rows):
+        user = [{"role": "user", "content": ex.input}]
+        prompt = list(_ids(tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True)))
+        target: list[int] = []
+        if with_target:
+            full = list(_ids(tokenizer.apply_chat_template(user + [{"role": "assistant", "content": ex.output}],
+                                                          tokenize=True)))
+            if full[:len(prompt)] == prompt and len(full) > len(prompt):
+                target = full[len(prompt):]
+            else:  # a template whose assistant turn does not extend the prompt: the output, then eos
+                target = _tokenize(tokenizer, [ex.output])[0] + ([eos] if eos is not None else [])
+        target = target[: max_length - 1]
+        budget = max_length - len(target)
+        prompt = prompt[len(prompt) - budget:] if len(prompt) > budget else prompt  # its end (the turn) kept
+        out.append(Encoded(tuple(prompt), tuple(target), int(row)))
+    return out
+
+
+def _ids(encoded) -> list[int]:
+    """apply_chat_template's token ids, whether it returned a list or a BatchEncoding."""
+    return encoded["input_ids"] if hasattr(encoded, "keys") else encoded
+
+
 def encode(examples: Sequence[Example], tokenizer, user_index: Optional[UserIndex], max_length: int, *,
            add_bos: bool = True, add_eos: bool = True, with_target: bool = True,
-           output_prefix: str = " ") -> list[Encoded]:
+           output_prefix: str = " ", chat_template: bool = False) -> list[Encoded]:
     """Tokenise records for a causal LM (no padding; see :func:`pad_encoded`).
 
     The prompt is ``[bos] + tokens(input)`` (bos when the tokenizer has one and ``add_bos``),
@@ -621,7 +652,15 @@ def encode(examples: Sequence[Example], tokenizer, user_index: Optional[UserInde
     Longer than ``max_length``: the target is cut on the right to ``max_length - len(bos) - 1``
     tokens, then the input is cut on the left (its end, next to the answer, is kept; so is bos)
     to fit. With ``with_target=False`` the target is empty (prompts for generation).
+    ``chat_template=True`` formats each record with the tokenizer's chat template instead:
+    the input as the user's turn (with the assistant's generation prompt), the output as
+    the assistant's turn (the loss is on that turn, as the template ends it).
     """
+    if chat_template:
+        examples = list(examples)
+        rows = (user_index.rows([ex.user_id for ex in examples]).tolist() if user_index is not None
+                else [-1] * len(examples))
+        return _chat_encode(examples, tokenizer, rows, max_length, with_target)
     bos, eos, _ = special_token_ids(tokenizer)
     prefix = [bos] if add_bos and bos is not None else []
     least = len(prefix) + (2 if with_target else 1)
@@ -683,13 +722,14 @@ def collate(examples: Sequence[Example], tokenizer, user_index: Optional[UserInd
 
 
 def collate_prompts(examples: Sequence[Example], tokenizer, user_index: Optional[UserIndex], max_length: int, *,
-                    add_bos: bool = True) -> dict[str, Tensor]:
+                    add_bos: bool = True, chat_template: bool = False) -> dict[str, Tensor]:
     """A left-padded batch of prompts for ``generate``: ``input_ids``, ``attention_mask``,
     ``user_rows`` (no labels). The prompts are the ones :func:`collate` trains on, so the
     generated tokens follow them as the outputs did; ``max_length`` bounds the prompt
     (input cut on the left, bos kept)."""
     _, _, pad = special_token_ids(tokenizer)
-    enc = encode(examples, tokenizer, user_index, max_length, add_bos=add_bos, with_target=False)
+    enc = encode(examples, tokenizer, user_index, max_length, add_bos=add_bos, with_target=False,
+                 chat_template=chat_template)
     batch = pad_encoded(enc, pad, padding_side="left")
     del batch["labels"]
     return batch

@@ -45,14 +45,14 @@ def batch_sampler(encoded: Sequence[Encoded], pad_id: int, batch_size: int, seed
 
 @torch.no_grad()
 def generate(model: nn.Module, examples: Sequence, tokenizer, user_index: Optional[UserIndex], max_length: int,
-             max_new_tokens: int, batch_size: int = 64) -> list[str]:
+             max_new_tokens: int, batch_size: int = 64, chat_template: bool = False) -> list[str]:
     """Greedy generation for many users in one batch (each sequence with its own user)."""
     _, eos, pad = special_token_ids(tokenizer)
     model.eval()
     outputs: list[str] = []
     for i in range(0, len(examples), batch_size):
         chunk = list(examples[i : i + batch_size])
-        batch = collate_prompts(chunk, tokenizer, user_index, max_length)
+        batch = collate_prompts(chunk, tokenizer, user_index, max_length, chat_template=chat_template)
         users = batch.pop("user_rows")
         device = next(model.parameters()).device
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -77,5 +77,6 @@ def evaluate(model: nn.Module, test: Dataset, train: Dataset, tokenizer, user_in
                            **score_kw)
 
 
-def encode_split(examples: Dataset, tokenizer, user_index: UserIndex, max_length: int) -> list[Encoded]:
-    return encode(list(examples), tokenizer, user_index, max_length)
+def encode_split(examples: Dataset, tokenizer, user_index: UserIndex, max_length: int,
+                 chat_template: bool = False) -> list[Encoded]:
+    return encode(list(examples), tokenizer, user_index, max_length, chat_template=chat_template)

@@ -231,3 +231,38 @@ def test_train_defaults_come_from_the_configs_and_steps_per_stage(workspace, tmp
     lines = [ln for ln in err.splitlines() if " step " in ln and "tokens/s" in ln]
     assert [ln.split(" step ")[1].split()[0] for ln in lines] == ["2/4", "4/4"], err
     assert all(" loss " in ln and " lr " in ln for ln in lines)
+
+
+CHAT = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} ; {% endfor %}"
+        "{% if add_generation_prompt %}assistant : {% endif %}")
+
+
+def test_chat_template_formats_training_and_generation(workspace, tmp_path, capsys):
+    from proper.data import Example, UserIndex, encode
+    from proper.demo import tiny_llama, word_tokenizer
+
+    root, data, model_dir, task = workspace
+    tok = word_tokenizer(task.vocabulary() + ["user", "assistant", ":", ";"])
+    tok.chat_template = CHAT
+    ex = Example("u1", task.examples[0].input, task.examples[0].output)
+    users = UserIndex.from_examples([ex])
+    (enc,) = encode([ex], tok, users, 64, chat_template=True)
+    user = [{"role": "user", "content": ex.input}]
+    prompt = tok.apply_chat_template(user, add_generation_prompt=True, tokenize=True)
+    prompt = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
+    assert list(enc.prompt) == list(prompt)
+    assert tok.decode(list(enc.target)).strip() == f"{ex.output} ;"  # the assistant turn as the template ends it
+    chat_dir = tmp_path / "chat-model"
+    tiny_llama(len(tok), 32, 1, seed=0).save_pretrained(chat_dir)
+    tok.save_pretrained(chat_dir)
+    common = ["--model", str(chat_dir), "--out", str(tmp_path / "run"), "--max-length", "32", "--chat-template"]
+    assert main(["train", *common, "--data", str(data), "--stages", "1", "--steps", "2", "--save-every", "2",
+                 "--rank", "2", "--population-rank", "2", "--batch-size", "4"]) == 0
+    capsys.readouterr()
+    assert main(["generate", *common, "--user", task.examples[0].user_id, "--prompt", "opinion on apples",
+                 "--stage", "1", "--max-new-tokens", "2"]) == 0
+    assert isinstance(json.loads(capsys.readouterr().out)["output"], str)
+    # a tokenizer without a template: refused in one line
+    err = _refused(capsys, ["train", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "r2"),
+                            "--chat-template", "--steps", "1"])
+    assert "--chat-template: the tokenizer of" in err and "has no chat template" in err
