@@ -156,6 +156,41 @@ __device__ __forceinline__ float topk_smem(const float* p, float* taken, int E, 
 // ---------------------------------------------------------------------------------------
 // prefill_shrink
 
+// The column-space kernels' (shrink, bwd_dh) product of one K tile: acc[q] += A B^T for
+// this warp's n-tiles whose columns lie in [c_lo, c_hi); rows lo/hi of the A fragment can be
+// masked (a user run).
+template <typename T>
+__device__ __forceinline__ void mma_col_tiles(float (&acc)[kColTiles][4], const T* As, const T* Bs, int wm,
+                                              int wn, int c_lo, int c_hi, bool lo, bool hi, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < kTileK; kk += 16) {
+    tc::AFrag<T> f;
+    f.load(As + wm * 16 * kLd, kk, lo, hi, lane);
+#pragma unroll
+    for (int q = 0; q < kColTiles; ++q) {
+      const int c0 = (wn + 2 * q) * 8;
+      if (c0 >= c_lo && c0 < c_hi) f.mma(acc[q], Bs + c0 * kLd, kk, lane);
+    }
+  }
+}
+
+// The accumulators into the epilogue's fp32 rows S[row][col] (cols < n_cols).
+__device__ __forceinline__ void store_col_tiles(float* S, int s_ld, const float (&acc)[kColTiles][4], int wm, int wn,
+                                                int n_cols, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int q = 0; q < kColTiles; ++q) {
+    const int c0 = (wn + 2 * q) * 8 + 2 * t;
+    if (c0 < n_cols) {
+      float* s0 = S + (wm * 16 + g) * s_ld + c0;
+      s0[0] = acc[q][0];
+      s0[1] = acc[q][1];
+      s0[8 * s_ld] = acc[q][2];
+      s0[8 * s_ld + 1] = acc[q][3];
+    }
+  }
+}
+
 using ShrinkArgs = ::proper::ShrinkLaunch;
 
 // Shared memory of shrink and bwd_dh: the operand tiles (`a_tiles` A tiles of kTileM rows,
@@ -238,20 +273,9 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_shrink_kernel(ShrinkArgs 
       return nullptr;
     });
     __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kTileK; kk += 16) {
-      tc::AFrag<T> f, fx;
-      f.load(As + wm * 16 * kLd, kk, true, true, lane);
-      fx.load((same_x || !Wx ? As : Ax) + wm * 16 * kLd, kk, true, true, lane);
-#pragma unroll
-      for (int q = 0; q < kColTiles; ++q) {
-        const int c0 = (wn + 2 * q) * 8;
-        if (c0 < c_router)
-          f.mma(acc[q], Bs + c0 * kLd, kk, lane);
-        else if (c0 < c_user)  // the token router reads x, not the adapters' (dropped-out) input
-          fx.mma(acc[q], Bs + c0 * kLd, kk, lane);
-      }
-    }
+    mma_col_tiles<T>(acc, As, Bs, wm, wn, 0, c_router, true, true, lane);
+    // the token router reads x, not the adapters' (dropped-out) input
+    mma_col_tiles<T>(acc, same_x || !Wx ? As : Ax, Bs, wm, wn, c_router, c_user, true, true, lane);
     if (UA) {
       for (int rr = rows.r_first; rr <= rows.r_last; ++rr) {
         const int64_t u = run_user(a.plan, a.T, rr, a.num_users);
@@ -263,34 +287,12 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_shrink_kernel(ShrinkArgs 
         __syncthreads();
         const bool lo = rows.run[row_lo] == rr, hi = rows.run[row_hi] == rr;
         if (!__any_sync(dev::kFull, lo || hi)) continue;  // no row of this warp's slab is in the run
-#pragma unroll
-        for (int kk = 0; kk < kTileK; kk += 16) {
-          tc::AFrag<T> f;
-          f.load(As + wm * 16 * kLd, kk, lo, hi, lane);
-#pragma unroll
-          for (int q = 0; q < kColTiles; ++q) {
-            const int c0 = (wn + 2 * q) * 8;
-            if (c0 >= c_user && c0 < n_cols) f.mma(acc[q], Bs + c0 * kLd, kk, lane);
-          }
-        }
+        mma_col_tiles<T>(acc, As, Bs, wm, wn, c_user, n_cols, lo, hi, lane);
       }
     }
   }
   __syncthreads();
-  {  // accumulators -> S[row][col]
-    const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-    for (int q = 0; q < kColTiles; ++q) {
-      const int c0 = (wn + 2 * q) * 8 + 2 * t;
-      if (c0 < n_cols) {
-        float* s0 = S + (wm * 16 + g) * lay.s_ld + c0;
-        s0[0] = acc[q][0];
-        s0[1] = acc[q][1];
-        s0[8 * lay.s_ld] = acc[q][2];
-        s0[8 * lay.s_ld + 1] = acc[q][3];
-      }
-    }
-  }
+  store_col_tiles(S, lay.s_ld, acc, wm, wn, n_cols, lane);
   __syncthreads();
 
   // The routing, one warp per token.
@@ -499,16 +501,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_bwd_dh_kernel(BwdDhArgs a
       Bs[c * kLd + kk] = v;
     }
     __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kTileK; kk += 16) {
-      tc::AFrag<T> f;
-      f.load(As + wm * 16 * kLd, kk, true, true, lane);
-#pragma unroll
-      for (int q = 0; q < kColTiles; ++q) {
-        const int c0 = (wn + 2 * q) * 8;
-        if (c0 < c_user) f.mma(acc[q], Bs + c0 * kLd, kk, lane);
-      }
-    }
+    mma_col_tiles<T>(acc, As, Bs, wm, wn, 0, c_user, true, true, lane);
     if (UB) {
       const int nu = n_cols - c_user;
       for (int rr = rows.r_first; rr <= rows.r_last; ++rr) {
@@ -524,34 +517,12 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_bwd_dh_kernel(BwdDhArgs a
         __syncthreads();
         const bool lo = rows.run[row_lo] == rr, hi = rows.run[row_hi] == rr;
         if (!__any_sync(dev::kFull, lo || hi)) continue;
-#pragma unroll
-        for (int kk = 0; kk < kTileK; kk += 16) {
-          tc::AFrag<T> f;
-          f.load(As + wm * 16 * kLd, kk, lo, hi, lane);
-#pragma unroll
-          for (int q = 0; q < kColTiles; ++q) {
-            const int c0 = (wn + 2 * q) * 8;
-            if (c0 >= c_user && c0 < n_cols) f.mma(acc[q], Bs + c0 * kLd, kk, lane);
-          }
-        }
+        mma_col_tiles<T>(acc, As, Bs, wm, wn, c_user, n_cols, lo, hi, lane);
       }
     }
   }
   __syncthreads();
-  {
-    const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-    for (int q = 0; q < kColTiles; ++q) {
-      const int c0 = (wn + 2 * q) * 8 + 2 * t;
-      if (c0 < n_cols) {
-        float* s0 = S + (wm * 16 + g) * lay.s_ld + c0;
-        s0[0] = acc[q][0];
-        s0[1] = acc[q][1];
-        s0[8 * lay.s_ld] = acc[q][2];
-        s0[8 * lay.s_ld + 1] = acc[q][3];
-      }
-    }
-  }
+  store_col_tiles(S, lay.s_ld, acc, wm, wn, n_cols, lane);
   __syncthreads();
 
   // The router backward, one warp per token: g_j = p_j / S over the kept experts, so
