@@ -87,10 +87,6 @@ def record_call(c: Case, dtype_name: str = "bfloat16", target: str = "sm90") -> 
     return launches[:n_fwd], launches[n_fwd:]
 
 
-def _pad8(n: int) -> int:
-    return (n + 7) // 8 * 8
-
-
 def record_cuda_call(c: Case, dtype_name: str = "bfloat16", target: str = "sm90") -> tuple[list, list]:
     """(forward launches, backward launches) of one call on the CUDA backend's tensor-core
     path (csrc/prefill.cuh; proper_kernels/cuda_backend.py), with every router and the user
@@ -98,6 +94,7 @@ def record_cuda_call(c: Case, dtype_name: str = "bfloat16", target: str = "sm90"
     are the launchers' (64-token tiles; 128 outputs or inputs per CTA), and the bytes count
     each tensor a kernel touches once, as for the Triton records (weights and side buffers
     that other CTAs re-read come from L2). Decode shapes run the decode kernels instead."""
+    from .cuda_backend import _pad8
     from .launch import External
 
     b = _size(dtype_name)
@@ -292,7 +289,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cases = [case(n) for n in args.case] if args.case else list(CASES)
     if args.backend == "cuda":  # the tensor-core path: prefill shapes within its columns
-        cases = [c for c in cases if not c.per_token and _pad8(c.E * c.r) + _pad8(c.E) + _pad8(c.r_u) <= 256]
+        from .cuda_backend import tensor_core_fits
+
+        cases = [c for c in cases if not c.per_token and tensor_core_fits(c.E, c.r, c.r_u, True)]
     gpu = GPUS[args.target]
     text = (f"# Launch plan of the fused op, predicted for an {gpu['name']} (roofline: "
             f"{gpu['tensor_flops'] / 1e12:.0f} TFLOP/s 16-bit, {gpu['bandwidth'] / 1e12:.2f} TB/s)\n\n"
