@@ -213,7 +213,8 @@ def _data(args, out: Path):
 def cmd_demo(args) -> int:
     from .demo import DemoConfig, run
 
-    cfg = DemoConfig(num_users=args.users, seed=args.seed)
+    given = {"num_users": args.users, "seed": args.seed}
+    cfg = DemoConfig(**{k: v for k, v in given.items() if v is not None})
     run(Path(args.out), cfg)
     return 0
 
@@ -394,8 +395,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     p = sub.add_parser("demo", help="all three stages and the baselines on the built-in synthetic task")
     p.add_argument("--out", default="proper-demo")
-    p.add_argument("--users", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    # None: DemoConfig's own default (200 users, seed 0), stated there once
+    p.add_argument("--users", type=int, default=None, help="synthetic users (default: DemoConfig's, 200)")
+    p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train stages 1-3 on your model and data")
@@ -422,9 +424,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--load-balance", type=float, default=tc["load_balance"], help="weight of stage 2's load-balance loss")
     p.add_argument("--distinctness", type=float, default=tc["distinctness"],
                    help="weight of stage 2's expert distinctness loss")
-    p.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
+    p.add_argument("--parallel", choices=("ddp", "fsdp"), default=tc["parallel"],
                    help="several processes (torchrun, accelerate launch): DDP or FSDP2 over all but the user bank")
-    p.add_argument("--mixed-precision", choices=("no", "bf16"), default="no",
+    p.add_argument("--mixed-precision", choices=("no", "bf16"), default=tc["mixed_precision"] or "no",
                    help="bf16 compute: FSDP's bf16 weights with fp32 gradient reduction, else autocast")
     p.set_defaults(func=cmd_train)
 

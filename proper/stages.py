@@ -68,20 +68,25 @@ FORCE_LOGIT = 30.0  # a router logit that puts (nearly) all of a token's gate on
 
 @dataclass
 class PipelineConfig:
-    """Sizes of the three stages (the paper's defaults scaled to the model at hand)."""
+    """Sizes of the three stages.
+
+    The layer's sizes and scalings default to ProperConfig's, which states them once:
+    stage 1's LoRA takes its rank and alpha, stage 2 its experts, top-k, rank, alpha and
+    temperature, stage 3 its user rank and user alpha. The CLI reads these fields in turn.
+    """
 
     num_users: int
-    target_modules: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
-    population_rank: int = 8
-    population_alpha: float = 16.0
-    num_experts: int = 4
-    top_k: int = 2
-    rank: int = 8
-    alpha: float = 16.0
-    user_rank: int = 4
-    user_alpha: float = 8.0
+    target_modules: tuple[str, ...] = ProperConfig.target_modules
+    population_rank: int = ProperConfig.rank
+    population_alpha: float = ProperConfig.alpha
+    num_experts: int = ProperConfig.num_experts
+    top_k: int = ProperConfig.top_k
+    rank: int = ProperConfig.rank
+    alpha: float = ProperConfig.alpha
+    user_rank: int = ProperConfig.user_rank
+    user_alpha: float = ProperConfig.user_alpha
     token_router: bool = False  # stage 2 routes on the user alone (PROPER); True adds W_x x
-    temperature: float = 1.0  # router softmax temperature of stages 2 and 3
+    temperature: float = ProperConfig.temperature  # router softmax temperature of stages 2 and 3
     share_user_router: bool = True  # one R for all layers: a user's group is one expert index
     group_init: str = "features"  # stage 2's first assignment: "features" (k-means++, proper.grouping) | "random"
     group_assignments: int = 8  # stage 2 hard assignment steps (0: none; the router learns by gradient alone)
@@ -108,7 +113,7 @@ class PipelineConfig:
                              f"got {self.group_assign_strength!r}")
 
     def stage_config(self, stage: int) -> ProperConfig:
-        common = dict(target_modules=tuple(self.target_modules), dropout=0.0)
+        common = dict(target_modules=tuple(self.target_modules))
         if stage == 1:
             return ProperConfig(num_experts=1, top_k=1, rank=self.population_rank, alpha=self.population_alpha,
                                 user_rank=0, num_users=self.num_users, router=(), **common)

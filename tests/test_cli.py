@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import proper
 import torch
 from proper.cli import main
 from proper.demo import DemoConfig, run, tiny_llama, word_tokenizer
@@ -112,6 +113,14 @@ def test_entry_point_help():
     assert out.returncode == 0 and "demo" in out.stdout and "export" in out.stdout
 
 
+def _refused_in_a_process(argv, pattern):
+    """As a user runs it: a process of its own, exit status 2, one line naming `pattern`, no traceback."""
+    out = subprocess.run([sys.executable, "-m", "proper.cli", *map(str, argv)], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 2 and out.stderr.startswith("proper: error: "), (argv, out.returncode, out.stderr)
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr and pattern in out.stderr, out.stderr
+
+
 def _refused(capsys, argv):
     """main(argv) refuses: exit status 2 and one line `proper: error: ...` on stderr."""
     try:
@@ -135,7 +144,7 @@ def test_every_refusal_is_one_line_before_anything_loads(workspace, capsys, tmp_
     afile = tmp_path / "a-file"
     afile.write_text("x")
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"user_id": "u1", "input": "x"}\nnot json\n')
+    bad.write_text('{"user_id": "u1", "input": "x", "output": "y"}\nnot json\n')
     m, d, o = ["--model", str(model_dir)], ["--data", str(data)], ["--out", str(tmp_path / "run")]
     cases = [
         (["train", *d, *o], "the following arguments are required: --model"),
@@ -160,14 +169,13 @@ def test_every_refusal_is_one_line_before_anything_loads(workspace, capsys, tmp_
     ]
     for argv, pattern in cases:
         assert pattern in _refused(capsys, argv), (argv, pattern)
-        # and as a user runs it: a process of its own, exit status 2, one line, no traceback
-        out = subprocess.run([sys.executable, "-m", "proper.cli", *argv], capture_output=True, text=True, timeout=120)
-        assert out.returncode == 2 and out.stderr.startswith("proper: error: "), (argv, out.stderr)
-        assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr and pattern in out.stderr, out.stderr
+        _refused_in_a_process(argv, pattern)
     monkeypatch.undo()
     # malformed data: found when it is read, still one line naming the file and the line
-    err = _refused(capsys, ["train", *m, "--data", str(bad), "--out", str(tmp_path / "run2"), "--steps", "1"])
-    assert "bad.jsonl" in err and "line" in err
+    argv = ["train", *m, "--data", str(bad), "--out", str(tmp_path / "run2"), "--steps", "1"]
+    err = _refused(capsys, argv)
+    assert "bad.jsonl:2: " in err and "json" in err.lower(), err
+    _refused_in_a_process(argv, "bad.jsonl:2: ")
 
 
 def test_unknown_and_cold_start_users(workspace, capsys):
@@ -178,6 +186,14 @@ def test_unknown_and_cold_start_users(workspace, capsys):
     common = ["--model", str(model_dir), "--out", str(out), "--max-length", "16"]
     err = _refused(capsys, ["generate", *common, "--user", "nobody", "--prompt", "hi"])
     assert "--user: unknown user 'nobody'" in err and "-1 is a user without a row" in err
+    # the refusals that need a trained run, each as a process of its own
+    _refused_in_a_process(["generate", *common, "--user", "nobody", "--prompt", "hi"], "--user: unknown user 'nobody'")
+    dest = root / "refused-export"
+    _refused_in_a_process(["export", *common, "--user", "nobody", "--dest", dest], "--user: unknown user 'nobody'")
+    user = task.examples[0].user_id
+    _refused_in_a_process(["export", *common, "--user", user, "--stage", "3", "--dest", dest],
+                          "stage 3 has no exact PEFT export")
+    assert not dest.exists()
     assert main(["generate", *common, "--user", "-1", "--prompt", "opinion on apples", "--max-new-tokens", "2"]) == 0
     said = json.loads(capsys.readouterr().out)
     assert said["user"] == -1 and isinstance(said["output"], str)
@@ -217,6 +233,13 @@ def test_train_defaults_come_from_the_configs_and_steps_per_stage(workspace, tmp
         proper.stages.run_stage = real
     cfg = seen[3]
     want = PipelineConfig(num_users=1)
+    # stated once: the pipeline's layer sizes and scalings are ProperConfig's
+    layer = proper.ProperConfig()
+    for f in ("num_experts", "top_k", "rank", "alpha", "user_rank", "user_alpha", "temperature", "target_modules"):
+        assert getattr(want, f) == getattr(layer, f), f
+    assert (want.population_rank, want.population_alpha) == (layer.rank, layer.alpha)
+    stage3 = want.stage_config(3)
+    assert stage3.scaling == layer.scaling and stage3.user_scaling == layer.user_scaling
     for f in ("num_experts", "top_k", "rank", "alpha", "user_rank", "user_alpha", "population_rank",
               "population_alpha", "target_modules"):
         assert getattr(cfg, f) == getattr(want, f), f
