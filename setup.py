@@ -241,7 +241,7 @@ setup(
         "bench": ["peft>=0.17", "pytest-benchmark", "matplotlib"],
         "build": ["ninja"],
     },
-    entry_points={"console_scripts": ["proper=proper.cli:main"]},
+    entry_points={"console_scripts": ["proper=proper.apps.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

@@ -67,8 +67,8 @@ from torch import Tensor
 
 import proper
 import proper_kernels
-from proper.bench import OpCase, _fmt, device_name
-from proper.bench import versions as suite_versions
+from proper.apps.bench import OpCase, _fmt, device_name
+from proper.apps.bench import versions as suite_versions
 from proper.layer import ProperLinear
 
 SCHEMA = "proper.bench_op/1"

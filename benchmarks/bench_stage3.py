@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from proper.bench import device_name
+from proper.apps.bench import device_name
 
 
 def main(argv=None) -> int:
@@ -38,11 +38,11 @@ def main(argv=None) -> int:
     import transformers
 
     import proper
-    from proper.data import UserIndex, special_token_ids
-    from proper.demo import tiny_llama, word_tokenizer
-    from proper.pipeline import batch_sampler, encode_split
-    from proper.stages import PipelineConfig
-    from proper.synthetic import make_task
+    from proper.train.data import UserIndex, special_token_ids
+    from proper.apps.demo import tiny_llama, word_tokenizer
+    from proper.train.pipeline import batch_sampler, encode_split
+    from proper.train.stages import PipelineConfig
+    from proper.train.synthetic import make_task
 
     torch.manual_seed(0)
     task = make_task(num_users=args.users, seed=0)
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     for e in enc:
         by_user.setdefault(e.user_row, []).append(e)
     sample = sorted(by_user)[: args.peft_sample]
-    from proper.data import pad_encoded
+    from proper.train.data import pad_encoded
 
     t0 = time.perf_counter()
     for row in sample:

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from proper.bench import device_name, versions
+from proper.apps.bench import device_name, versions
 
 RUN = """
 import json, sys
-from proper.demo import DemoConfig, run
+from proper.apps.demo import DemoConfig, run
 r = run(sys.argv[1], DemoConfig(seed=int(sys.argv[2]), progress=False), log=lambda line: None)
 json.dump(r, open(sys.argv[3], "w"))
 """

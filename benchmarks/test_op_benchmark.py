@@ -2,7 +2,7 @@
 
     pytest benchmarks/test_op_benchmark.py --benchmark-only [--benchmark-json FILE]
 
-One layer call (forward, no grad) of each case of ``proper.bench.op_cases`` (quick sizes on
+One layer call (forward, no grad) of each case of ``proper.apps.bench.op_cases`` (quick sizes on
 the CPU, the GPU sizes on CUDA) for our dispatcher, the floor (the frozen linear alone) and
 the PEFT-style baseline. CPU timings only when no GPU is present.
 """
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import proper_kernels
-from proper.bench import PeftStyleLayer, _op_layer, op_cases
+from proper.apps.bench import PeftStyleLayer, _op_layer, op_cases
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32

@@ -8,6 +8,11 @@ user-aware router -> per-user LoRA with a LoRA-aware router), fast to train and 
     with proper.user_context(model, user_ids):   # one id per sequence, -1 = no row
         out = model(input_ids=...)
     out = model(input_ids=..., user_ids=user_ids)  # the same; also model.generate(..., user_ids=)
+
+This package is the library a user imports: config, layer, patching, io, export, optim and
+the transformers helpers (hf). It imports only ``proper_kernels`` and never imports the
+training wing (``proper.train``) or the apps (``proper.apps``), which build on it
+(``tests/test_wings.py`` walks the imports and checks it).
 """
 
 from .config import ProperConfig

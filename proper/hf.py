@@ -1,7 +1,7 @@
 """Pieces for transformers' Trainer and TRL's trainers.
 
 A patched model takes ``user_ids=`` in its forward (``proper.patch_model``), so Trainer and
-TRL need nothing special to train it; :class:`~proper.data.TrainerCollator` batches
+TRL need nothing special to train it; :class:`~proper.train.data.TrainerCollator` batches
 proper's records. :class:`SaveAdaptersCallback` writes the adapters in proper's own format
 (``save_adapters``: safetensors, checksummed, loadable by ``load_adapters``) into each
 checkpoint Trainer saves, beside what Trainer writes::

@@ -91,7 +91,7 @@ def save_adapters(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
     if shard is not None:
         raise ValueError(
             f"this model holds rank {shard[0]} of {shard[1]}'s shard of the user bank, not whole adapters: save it "
-            "with proper.distributed.save_shard (and join the shards with merge_shards)"
+            "with proper.train.distributed.save_shard (and join the shards with merge_shards)"
         )
     return write_adapters(_patch_of(model).config, adapter_state_dict(model), path)
 

@@ -79,7 +79,7 @@ def patch_model(
     frozen, as PEFT does.
 
     ``shard=(rank, world_size)`` allocates only the user-bank rows of the users
-    ``u % world_size == rank`` (one process of a user-sharded run, ``proper.distributed``);
+    ``u % world_size == rank`` (one process of a user-sharded run, ``proper.train.distributed``);
     ``user_context`` then takes only those users.
     """
     if not isinstance(model, nn.Module):

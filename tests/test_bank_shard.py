@@ -7,7 +7,7 @@ import torch
 from conftest import LLAMA, NUM_USERS, VOCAB, full_config
 
 import proper
-from proper.distributed import load_shard, merge_shards, save_shard, shard_bank
+from proper.train.distributed import load_shard, merge_shards, save_shard, shard_bank
 from proper.io import adapter_state_dict, _read
 from proper.layer import owned_rows
 

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from proper import bench
-from proper.cli import main as cli_main
+from proper.apps import bench
+from proper.apps.cli import main as cli_main
 
 OP_VARIANTS = {"linear", "proper", "proper-compile", "peft-moe"}
 BLOCK_VARIANTS = {"base", "peft-shared", "peft-mixed", "proper"}
@@ -21,7 +21,7 @@ def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     # a process of its own, as `proper bench` runs (torch.compile's C++ toolchain set-up is
     # sensitive to what the test process imported before)
-    run = subprocess.run([sys.executable, "-c", "import sys; from proper.cli import main; sys.exit(main())", "bench",
+    run = subprocess.run([sys.executable, "-c", "import sys; from proper.apps.cli import main; sys.exit(main())", "bench",
                           "--device", "cpu", "--quick", "--repeats", "2", "--out", str(out)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -108,7 +108,7 @@ def test_cuda_without_a_gpu_is_a_clear_error(capsys):
 
 
 def test_an_overhead_whose_spread_crosses_zero_is_not_resolved():
-    from proper.bench import Timing, describe_overhead, paired_overhead, resolved_at_noise
+    from proper.apps.bench import Timing, describe_overhead, paired_overhead, resolved_at_noise
 
     base = Timing(10.0, 9.0, 11.0, 5, [10.0, 9.0, 11.0, 10.5, 9.5])
     noisy = paired_overhead(Timing(10.2, 8.0, 12.0, 5, [8.0, 12.0, 10.2, 9.0, 11.0]), base)

@@ -7,9 +7,9 @@ import sys
 import pytest
 import proper
 import torch
-from proper.cli import main
-from proper.demo import DemoConfig, run, tiny_llama, word_tokenizer
-from proper.synthetic import make_task
+from proper.apps.cli import main
+from proper.apps.demo import DemoConfig, run, tiny_llama, word_tokenizer
+from proper.train.synthetic import make_task
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +59,10 @@ def _exported_matches_proper(root, data, model_dir, task, name, targets):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from proper.cli import _model_loader
-    from proper.data import UserIndex
+    from proper.apps.cli import _model_loader
+    from proper.train.data import UserIndex
     from proper.patching import user_context
-    from proper.stages import load_stage
+    from proper.train.stages import load_stage
 
     out, dest = root / name, root / f"{name}-peft"
     common = ["--model", str(model_dir), "--out", str(out), "--max-length", "16"]
@@ -109,13 +109,13 @@ def test_demo_runs_small(tmp_path):
 
 
 def test_entry_point_help():
-    out = subprocess.run([sys.executable, "-m", "proper.cli", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "proper.apps.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "demo" in out.stdout and "export" in out.stdout
 
 
 def _refused_in_a_process(argv, pattern):
     """As a user runs it: a process of its own, exit status 2, one line naming `pattern`, no traceback."""
-    out = subprocess.run([sys.executable, "-m", "proper.cli", *map(str, argv)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "proper.apps.cli", *map(str, argv)], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 2 and out.stderr.startswith("proper: error: "), (argv, out.returncode, out.stderr)
     assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr and pattern in out.stderr, out.stderr
@@ -135,7 +135,7 @@ def _refused(capsys, argv):
 
 def test_every_refusal_is_one_line_before_anything_loads(workspace, capsys, tmp_path, monkeypatch):
     root, data, model_dir, task = workspace
-    import proper.cli as cli
+    import proper.apps.cli as cli
 
     def no_load(path):
         raise AssertionError("the model must not load for a refused command")
@@ -211,9 +211,9 @@ def test_train_defaults_come_from_the_configs_and_steps_per_stage(workspace, tmp
     stage; a progress line per --log-every steps when the output is not a terminal."""
     import argparse
 
-    import proper.cli as cli
-    from proper.stages import PipelineConfig
-    from proper.trainer import TrainConfig
+    import proper.apps.cli as cli
+    from proper.train.stages import PipelineConfig
+    from proper.train.trainer import TrainConfig
 
     root, data, model_dir, task = workspace
     seen = {}
@@ -223,14 +223,14 @@ def test_train_defaults_come_from_the_configs_and_steps_per_stage(workspace, tmp
 
     argv = ["train", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "r"),
             "--steps", "3,4,5"]
-    import proper.stages
+    import proper.train.stages
 
-    real = proper.stages.run_stage
-    proper.stages.run_stage = fake_run_stage
+    real = proper.train.stages.run_stage
+    proper.train.stages.run_stage = fake_run_stage
     try:
         assert main(argv) == 0
     finally:
-        proper.stages.run_stage = real
+        proper.train.stages.run_stage = real
     cfg = seen[3]
     want = PipelineConfig(num_users=1)
     # stated once: the pipeline's layer sizes and scalings are ProperConfig's
@@ -261,8 +261,8 @@ CHAT = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} ; {% endfor
 
 
 def test_chat_template_formats_training_and_generation(workspace, tmp_path, capsys):
-    from proper.data import Example, UserIndex, encode
-    from proper.demo import tiny_llama, word_tokenizer
+    from proper.train.data import Example, UserIndex, encode
+    from proper.apps.demo import tiny_llama, word_tokenizer
 
     root, data, model_dir, task = workspace
     tok = word_tokenizer(task.vocabulary() + ["user", "assistant", ":", ";"])

@@ -1,4 +1,4 @@
-"""proper.data: JSONL loading with line-numbered errors, the user index, per-user splits
+"""proper.train.data: JSONL loading with line-numbered errors, the user index, per-user splits
 (time order, no leakage) and batches for causal LMs."""
 
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from proper.data import (
+from proper.train.data import (
     DataError,
     Dataset,
     Example,

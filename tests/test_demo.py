@@ -7,7 +7,7 @@ kernels in place of AVX-512 (``python -m benchmarks.demo_seeds [--avx2]``), the 
 least 0.95, stage 3 at least 0.75 overall, and stage 3's lead over the next row at least 0.25,
 overall and on the sparsest users."""
 
-from proper.demo import DemoConfig, run
+from proper.apps.demo import DemoConfig, run
 
 
 def test_stage3_beats_every_other_row_and_the_router_finds_the_groups(tmp_path):

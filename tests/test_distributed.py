@@ -14,9 +14,9 @@ import torch
 from conftest import LLAMA, NUM_USERS, VOCAB, full_config
 
 import proper
-from proper.distributed import load_shard, local_batch, merge_shards, owners, split_adapters
+from proper.train.distributed import load_shard, local_batch, merge_shards, owners, split_adapters
 from proper.io import adapter_state_dict
-from proper.trainer import TrainConfig, train
+from proper.train.trainer import TrainConfig, train
 
 TESTS = Path(__file__).resolve().parent
 # lr 1e-3: Adam divides each gradient by its own size, so an element whose gradient is a
@@ -36,8 +36,8 @@ WORKER = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from conftest import LLAMA, full_config
     import proper
-    from proper.distributed import save_shard, owners
-    from proper.trainer import TrainConfig, train
+    from proper.train.distributed import save_shard, owners
+    from proper.train.trainer import TrainConfig, train
     from test_distributed import batch_at, CFG
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -141,7 +141,7 @@ STAGES_WORKER = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
     sys.path.insert(0, {tests!r})
     from conftest import LLAMA
-    from proper.stages import run_stage
+    from proper.train.stages import run_stage
     from test_distributed import batch_at, stage_config, stage_records
     dist.init_process_group("gloo")
     for stage in (1, 2, 3):
@@ -152,7 +152,7 @@ STAGES_WORKER = textwrap.dedent("""
 
 
 def stage_config():
-    from proper.stages import PipelineConfig
+    from proper.train.stages import PipelineConfig
 
     tc = TrainConfig(**{**CFG, "steps": 3})
     return PipelineConfig(num_users=NUM_USERS, target_modules=LLAMA.targets, num_experts=3, top_k=2, rank=4,
@@ -160,7 +160,7 @@ def stage_config():
 
 
 def stage_records():
-    from proper.data import Encoded
+    from proper.train.data import Encoded
 
     g = torch.Generator().manual_seed(9)
     return [Encoded(tuple(torch.randint(4, VOCAB, (3,), generator=g).tolist()),
@@ -169,7 +169,7 @@ def stage_records():
 
 @pytest.mark.slow
 def test_run_stage_under_torchrun_writes_merged_finals_like_one_process(tmp_path):
-    from proper.stages import load_stage, run_stage, stage_dir
+    from proper.train.stages import load_stage, run_stage, stage_dir
 
     torchrun(tmp_path, STAGES_WORKER, "stages.py", tmp_path / "two")
     for stage in (1, 2, 3):
@@ -183,8 +183,8 @@ def test_run_stage_under_torchrun_writes_merged_finals_like_one_process(tmp_path
 
 
 def _cli_workspace(root):
-    from proper.demo import tiny_llama, word_tokenizer
-    from proper.synthetic import make_task
+    from proper.apps.demo import tiny_llama, word_tokenizer
+    from proper.train.synthetic import make_task
 
     task = make_task(num_users=12, seed=3)
     task.write_jsonl(root / "data.jsonl")
@@ -202,7 +202,7 @@ def _finals(out):
 def test_proper_train_runs_unchanged_under_a_launcher(tmp_path, launcher):
     """`proper train` on 2 gloo processes, started by torchrun or by `accelerate launch`, with
     DDP or FSDP, writes the stage finals one process writes (aux losses on)."""
-    from proper.cli import main
+    from proper.apps.cli import main
 
     _cli_workspace(tmp_path)
     args = ["train", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "data.jsonl"),
@@ -220,7 +220,7 @@ def test_proper_train_runs_unchanged_under_a_launcher(tmp_path, launcher):
                  "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                  "--dynamo_backend", "no", "--main_process_port", port]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}  # no user accelerate config
-    run = subprocess.run([*start, "-m", "proper.cli", *args, *extra, "--out", str(tmp_path / "two")],
+    run = subprocess.run([*start, "-m", "proper.apps.cli", *args, *extra, "--out", str(tmp_path / "two")],
                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     assert run.stdout.count("stage 3 done") == 1  # rank 0 reports
@@ -239,8 +239,8 @@ FSDP_WORKER = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from conftest import LLAMA, full_config
     import proper
-    from proper.distributed import save_shard
-    from proper.trainer import TrainConfig, train
+    from proper.train.distributed import save_shard
+    from proper.train.trainer import TrainConfig, train
     from test_distributed import batch_at, FSDP_CFG
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -317,7 +317,7 @@ def test_checkpoints_of_another_number_of_processes_are_not_silently_ignored(tmp
 def test_a_rank_resumes_while_another_is_still_writing_its_checkpoint(tmp_path):
     """Rank 1 may resume before rank 0 has written its first checkpoint: this run's own
     number of processes counts, whichever rank wrote (the race CI met under load)."""
-    from proper.trainer import _check_world
+    from proper.train.trainer import _check_world
 
     torch.manual_seed(0)
     model = proper.patch_model(LLAMA.build(), full_config(LLAMA.targets))
@@ -332,8 +332,8 @@ SPARSE_WORKER = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from conftest import LLAMA, full_config
     import proper
-    from proper.distributed import save_shard
-    from proper.trainer import TrainConfig, train
+    from proper.train.distributed import save_shard
+    from proper.train.trainer import TrainConfig, train
     from test_distributed import batch_at, CFG
     dist.init_process_group("gloo")
     out, parallel = sys.argv[1], sys.argv[2]
@@ -365,8 +365,8 @@ ONLY_TABLES_WORKER = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from conftest import LLAMA, full_config
     import proper
-    from proper.distributed import save_shard
-    from proper.trainer import TrainConfig, train
+    from proper.train.distributed import save_shard
+    from proper.train.trainer import TrainConfig, train
     from test_distributed import batch_at, CFG, only_tables
     dist.init_process_group("gloo")
     torch.manual_seed(0)
@@ -398,9 +398,9 @@ SPLIT_MERGE_WORKER = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from safetensors.torch import save_file
     import proper
-    from proper.distributed import wrap_fsdp
+    from proper.train.distributed import wrap_fsdp
     from proper.layer import whole
-    from proper.stages import split_merge_move
+    from proper.train.stages import split_merge_move
     from test_grouping import split_merge_case
     dist.init_process_group("gloo")
     model, recs, L, rows, start = split_merge_case()
@@ -422,7 +422,7 @@ def test_split_merge_move_under_fsdp_matches_one_process(tmp_path):
     from safetensors.torch import load_file
     from test_grouping import split_merge_case
 
-    from proper.stages import split_merge_move
+    from proper.train.stages import split_merge_move
 
     try:
         torchrun(tmp_path, SPLIT_MERGE_WORKER, "split_merge.py", tmp_path)

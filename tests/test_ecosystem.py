@@ -132,9 +132,9 @@ def test_trainer_over_jsonl_records_with_the_collator(tmp_path):
     """proper's JSONL records straight into Trainer, default settings, through TrainerCollator."""
     from transformers import Trainer, TrainingArguments
 
-    from proper.data import TrainerCollator, UserIndex, load_jsonl
-    from proper.demo import tiny_llama, word_tokenizer
-    from proper.synthetic import make_task
+    from proper.train.data import TrainerCollator, UserIndex, load_jsonl
+    from proper.apps.demo import tiny_llama, word_tokenizer
+    from proper.train.synthetic import make_task
 
     task = make_task(num_users=5, seed=1)
     task.write_jsonl(tmp_path / "d.jsonl")
@@ -154,7 +154,7 @@ def test_trainer_over_jsonl_records_with_the_collator(tmp_path):
     Trainer(model=model, args=args, train_dataset=data, data_collator=collator).train()
     after = proper.io.adapter_state_dict(model)
     assert any(not torch.equal(after[k], before[k]) for k in after if k.endswith(".user_B"))
-    with pytest.raises(TypeError, match="batches proper.data.Example records"):
+    with pytest.raises(TypeError, match="batches proper.train.data.Example records"):
         collator([{"user_id": "u", "input": "x", "output": "y"}])
 
 
@@ -177,7 +177,7 @@ def test_activation_checkpointing_recomputes_with_the_batch_users():
 def test_trl_sft_trainer_trains_with_a_user_ids_column(tmp_path):
     datasets = pytest.importorskip("datasets")
     trl = pytest.importorskip("trl")
-    from proper.demo import word_tokenizer
+    from proper.apps.demo import word_tokenizer
 
     model = proper.patch_model(LLAMA.build(), full_config(LLAMA.targets))
     g = torch.Generator().manual_seed(0)

@@ -9,11 +9,11 @@ from conftest import LLAMA, NUM_USERS
 from test_stages import batch_at, records
 
 import proper
-from proper.data import pad_encoded
-from proper.grouping import initial_groups, kmeans, user_features
-from proper.metrics import adjusted_rand_index
-from proper.stages import PipelineConfig, assignment_steps, run_stage, split_merge_move
-from proper.trainer import TrainConfig
+from proper.train.data import pad_encoded
+from proper.train.grouping import initial_groups, kmeans, user_features
+from proper.train.metrics import adjusted_rand_index
+from proper.train.stages import PipelineConfig, assignment_steps, run_stage, split_merge_move
+from proper.train.trainer import TrainConfig
 
 
 def blobs(k=4, per=30, dim=8, spread=0.05, seed=0):
@@ -96,7 +96,7 @@ def test_a_short_stage2_with_top1_still_assigns_users(tmp_path):
     recs = records((6, 6, 0, 6, 6))
     run_stage(LLAMA.build, batch_at, tmp_path, cfg, 1)
     calls = []
-    import proper.stages as st
+    import proper.train.stages as st
 
     real = st.assign_groups
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from proper import lamp
-from proper.cli import main
-from proper.data import load_jsonl, split_by_user
-from proper.demo import tiny_llama, word_tokenizer
+from proper.train import lamp
+from proper.apps.cli import main
+from proper.train.data import load_jsonl, split_by_user
+from proper.apps.demo import tiny_llama, word_tokenizer
 
 WORDS = ["alpha", "beta", "gamma", "delta", "omega", "drama", "comedy", "horror", "1", "2", "3", "4", "5",
          "title", "paper", "review", "movie", "good", "bad", "great"]
@@ -116,7 +116,7 @@ def test_data_lamp_refusals_are_one_line(tmp_path):
         (["--task", "LaMP-9", "--questions", str(q)], "--task must be one of LaMP-1"),
         (["--task", "LaMP-2", "--questions", str(tmp_path / "nope.json")], "--questions: no file at"),
     ):
-        out = subprocess.run([sys.executable, "-m", "proper.cli", "data", "lamp", *argv, "--out", str(tmp_path / "d")],
+        out = subprocess.run([sys.executable, "-m", "proper.apps.cli", "data", "lamp", *argv, "--out", str(tmp_path / "d")],
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and out.stderr.count("\n") == 1 and pattern in out.stderr, out.stderr
         assert "Traceback" not in out.stderr

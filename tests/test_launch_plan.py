@@ -126,7 +126,7 @@ def test_compile_gate_fails_spills_fma_dots_shared_memory_and_missing_wgmma():
 
 
 def test_bench_plan_prints_every_goal_case(capsys):
-    from proper.bench import main
+    from proper.apps.bench import main
 
     assert main(["--plan", "--case", "prefill", "--case", "decode"]) == 0
     out = capsys.readouterr().out

@@ -1,10 +1,10 @@
-"""proper.metrics against hand-computed values."""
+"""proper.train.metrics against hand-computed values."""
 
 import math
 
 import pytest
 
-from proper.metrics import (
+from proper.train.metrics import (
     accuracy,
     bucket_by_history,
     bucket_labels,
@@ -95,7 +95,7 @@ def test_score_by_bucket():
 
 
 def test_adjusted_rand_index():
-    from proper.metrics import adjusted_rand_index
+    from proper.train.metrics import adjusted_rand_index
 
     assert adjusted_rand_index([0, 0, 1, 1], [5, 5, 9, 9]) == 1.0  # the same up to renaming
     assert adjusted_rand_index([0, 0, 1, 1], [0, 1, 0, 1]) == pytest.approx(-0.5)

@@ -14,7 +14,7 @@ import proper
 import proper_kernels
 from proper import _fs, patching
 from proper.io import AdapterFileError, write_adapters
-from proper.trainer import CheckpointError, TrainConfig, latest_checkpoint, train
+from proper.train.trainer import CheckpointError, TrainConfig, latest_checkpoint, train
 
 
 def snapshot(model):
@@ -290,7 +290,7 @@ def test_a_checkpoint_is_on_disk_before_latest_points_at_it(tmp_path, monkeypatc
     model = fresh()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     events = record_io(monkeypatch)
-    proper.trainer.save_checkpoint(tmp_path, model, opt, 4, [1.0])
+    proper.train.trainer.save_checkpoint(tmp_path, model, opt, 4, [1.0])
     tmp, final = str(tmp_path / ".step-0000004.tmp"), str(tmp_path / "step-0000004")
     moved = events.index(("rename", tmp, final))
     synced = [e[1] for e in events[:moved] if e[0] == "fsync"]
@@ -330,5 +330,5 @@ def test_killed_checkpoint_directories_are_removed_at_the_next_save(tmp_path):
     (tmp_path / ".step-0000002.tmp" / "trainer.safetensors").write_bytes(b"x" * 1000)
     model = fresh()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    proper.trainer.save_checkpoint(tmp_path, model, opt, 4, [1.0])
+    proper.train.trainer.save_checkpoint(tmp_path, model, opt, 4, [1.0])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-0000004"]

@@ -14,7 +14,7 @@ import proper
 import proper_kernels
 from proper_kernels import reference
 from proper.optim import LazyAdamW
-from proper.trainer import TrainConfig, train
+from proper.train.trainer import TrainConfig, train
 
 DT = torch.float64
 

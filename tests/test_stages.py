@@ -5,9 +5,9 @@ import torch
 from conftest import LLAMA, NUM_USERS, VOCAB
 
 import proper
-from proper.data import Encoded
+from proper.train.data import Encoded
 from proper.io import load_adapters, save_adapters
-from proper.stages import (
+from proper.train.stages import (
     FORCE_LOGIT,
     PipelineConfig,
     assign_groups,
@@ -18,7 +18,7 @@ from proper.stages import (
     recent_records,
     run_stage,
 )
-from proper.trainer import TrainConfig
+from proper.train.trainer import TrainConfig
 
 
 def batch_at(step):

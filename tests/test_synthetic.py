@@ -1,4 +1,4 @@
-"""proper.synthetic: the built-in multi-user task is deterministic, has Pareto histories,
+"""proper.train.synthetic: the built-in multi-user task is deterministic, has Pareto histories,
 and has the population < group < user structure the three stages rely on."""
 
 import os
@@ -6,8 +6,8 @@ import statistics
 
 import pytest
 
-from proper.data import Example, UserIndex, load_jsonl, split_by_user
-from proper.synthetic import (
+from proper.train.data import Example, UserIndex, load_jsonl, split_by_user
+from proper.train.synthetic import (
     LEVELS,
     SyntheticConfig,
     make_task,

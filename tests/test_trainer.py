@@ -9,7 +9,7 @@ import torch
 from conftest import LLAMA, NUM_USERS, VOCAB, full_config
 
 import proper
-from proper.trainer import TrainConfig, latest_checkpoint, lr_factor, train
+from proper.train.trainer import TrainConfig, latest_checkpoint, lr_factor, train
 
 
 def batch_at(step):

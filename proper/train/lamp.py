@@ -30,7 +30,7 @@ from .data import DataError, Example, write_jsonl
 @dataclass(frozen=True)
 class Task:
     name: str
-    kind: str  # the metric family of proper.metrics.score
+    kind: str  # the metric family of proper.train.metrics.score
     input_key: Optional[str]  # the profile item's field that is a record's input (None: a fixed prompt)
     output_key: str
     prompt: str = ""  # the input when input_key is None
@@ -56,7 +56,7 @@ def task_of(name: str) -> Task:
 
 
 def kind_of(task_name: str) -> str:
-    """The metric kind of a LaMP task (proper.metrics.score)."""
+    """The metric kind of a LaMP task (proper.train.metrics.score)."""
     return task_of(task_name).kind
 
 

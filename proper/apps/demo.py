@@ -24,15 +24,15 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from .config import ProperConfig
-from .data import UserIndex, special_token_ids
-from .io import load_adapters, save_adapters
-from .metrics import adjusted_rand_index
-from .patching import patch_model, proper_layers
-from .pipeline import batch_sampler, encode_split, evaluate
-from .stages import PipelineConfig, base_for_stage, is_done, load_stage, run_stage
-from .synthetic import make_task
-from .trainer import TrainConfig, train
+from ..config import ProperConfig
+from ..train.data import UserIndex, special_token_ids
+from ..io import load_adapters, save_adapters
+from ..train.metrics import adjusted_rand_index
+from ..patching import patch_model, proper_layers
+from ..train.pipeline import batch_sampler, encode_split, evaluate
+from ..train.stages import PipelineConfig, base_for_stage, is_done, load_stage, run_stage
+from ..train.synthetic import make_task
+from ..train.trainer import TrainConfig, train
 
 # every linear projection of a Llama block. The FFN alone cannot learn the groups' answers:
 # at an answer slot its input carries the base model's own answer for the topic (2 bits),

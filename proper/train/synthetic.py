@@ -157,7 +157,7 @@ class SyntheticTask:
         return [f"{h}{s}" for h in heads for s in self.style_words]
 
     def split(self, val: float = 0.1, test: float = 0.1, seed: int = 0) -> Split:
-        """Per-user split by timestamp (see :func:`proper.data.split_by_user`)."""
+        """Per-user split by timestamp (see :func:`proper.train.data.split_by_user`)."""
         return split_by_user(self.examples, val=val, test=test, seed=seed)
 
     def write_jsonl(self, path: Union[str, os.PathLike]) -> Path:
@@ -290,7 +290,7 @@ def oracle_accuracy(examples: Union[Split, Iterable[Example]], truth: Mapping[Us
                     eval_on: Optional[Iterable[Example]] = None) -> float:
     """Best exact-match accuracy reachable at ``level`` ("population" | "group" | "user").
 
-    ``examples`` is either a :class:`~proper.data.Split` (estimate on ``train``, score on
+    ``examples`` is either a :class:`~proper.train.data.Split` (estimate on ``train``, score on
     ``test``) or the training records, scored on ``eval_on`` (default: the training records
     themselves). See :func:`oracle_predictions` for the estimators.
     """

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from .data import Dataset, Encoded, UserIndex, collate_prompts, encode, pad_encoded, special_token_ids
 from .metrics import score_by_bucket
-from .patching import is_patched, user_context
+from ..patching import is_patched, user_context
 
 
 def batch_sampler(encoded: Sequence[Encoded], pad_id: int, batch_size: int, seed: int,

@@ -53,7 +53,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ._fs import atomic_write, atomic_write_text
+from .._fs import atomic_write, atomic_write_text
 
 UserId = Union[int, str]
 REQUIRED = ("user_id", "input", "output")
@@ -753,7 +753,7 @@ class TrainerCollator:
     def __call__(self, records: Sequence[Example]) -> dict[str, Tensor]:
         bad = next((r for r in records if not isinstance(r, Example)), None)
         if bad is not None:
-            raise TypeError(f"TrainerCollator batches proper.data.Example records (load_jsonl's), got "
+            raise TypeError(f"TrainerCollator batches proper.train.data.Example records (load_jsonl's), got "
                             f"{type(bad).__name__}")
         batch = collate(records, self.tokenizer, self.user_index, self.max_length, **self.encode_kwargs)
         batch["user_ids"] = batch.pop("user_rows")

@@ -12,7 +12,7 @@
            federated learning / IFCA), in three parts:
              - the start: every user with records is put in a group by weighted k-means++
                over sketches of the gradients their records put on the stage-2 starting
-               model (``proper.grouping``; ``group_init="features"``; "random" draws it).
+               model (``proper.train.grouping``; ``group_init="features"``; "random" draws it).
                It depends on the data, so a change of float rounding barely moves it. It is
                reliable for users with many records, who dominate training, and the
                assignments below place the others;
@@ -52,12 +52,12 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .config import ProperConfig
-from .io import SHARED_ROUTER_KEY, _read, load_adapters, save_adapters
+from ..config import ProperConfig
+from ..io import SHARED_ROUTER_KEY, _read, load_adapters, save_adapters
 from . import distributed
 from .data import Encoded, pad_encoded
 from .grouping import initial_groups
-from .patching import merge, patch_model, proper_layers, user_context
+from ..patching import merge, patch_model, proper_layers, user_context
 from .plots import plot_losses, plot_routing
 from .trainer import TrainConfig, latest_checkpoint, train
 
@@ -88,7 +88,7 @@ class PipelineConfig:
     token_router: bool = False  # stage 2 routes on the user alone (PROPER); True adds W_x x
     temperature: float = ProperConfig.temperature  # router softmax temperature of stages 2 and 3
     share_user_router: bool = True  # one R for all layers: a user's group is one expert index
-    group_init: str = "features"  # stage 2's first assignment: "features" (k-means++, proper.grouping) | "random"
+    group_init: str = "features"  # stage 2's first assignment: "features" (k-means++, proper.train.grouping) | "random"
     group_assignments: int = 8  # stage 2 hard assignment steps (0: none; the router learns by gradient alone)
     group_assign_until: float = 0.75  # ... evenly spaced over this fraction of the stage-2 steps
     group_split_merge: bool = True  # assignment steps may split one expert and merge two (split_merge_move)
@@ -276,7 +276,7 @@ def split_merge_move(model: nn.Module, records: Sequence[Encoded], pad_id: int, 
 
     When the merge costs less than a third of the split's excess per record, the merged
     side's expert is freed and takes a copy of s's weights and part of s's users: one
-    cluster of a 2-means over their gradient sketches under s (``proper.grouping``), where
+    cluster of a 2-means over their gradient sketches under s (``proper.train.grouping``), where
     two groups pull in opposite directions. Training and the later assignment steps then
     settle the users.
     Returns the (possibly new) expert of each of `rows`; `model` changes only if a move is

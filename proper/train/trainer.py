@@ -30,10 +30,10 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from . import distributed
-from ._fs import atomic_write_text, fsync_dir, fsync_tree
-from .io import _digest, load_adapters, save_adapters
-from .optim import LazyAdamW
-from .patching import aux_losses, bank_shard, is_patched, proper_layers, user_context
+from .._fs import atomic_write_text, fsync_dir, fsync_tree
+from ..io import _digest, load_adapters, save_adapters
+from ..optim import LazyAdamW
+from ..patching import aux_losses, bank_shard, is_patched, proper_layers, user_context
 
 LATEST = "latest"
 PARALLEL = ("ddp", "fsdp")
@@ -71,7 +71,7 @@ class TrainConfig:
     schedule: str = "constant"
     warmup: float = 0.0
     # several processes (torchrun): "ddp" (DistributedDataParallel) or "fsdp" (FSDP2,
-    # fully_shard); the user bank is sharded by user either way (proper.distributed)
+    # fully_shard); the user bank is sharded by user either way (proper.train.distributed)
     parallel: str = "ddp"
     # "bf16": FSDP computes with bf16 copies of the sharded weights and reduces gradients in
     # fp32; otherwise the forward runs under torch.autocast(bf16). The adapters stay fp32.
@@ -137,7 +137,7 @@ class CheckpointError(ValueError):
     """A training checkpoint that is corrupt, or a `latest` pointer that names no checkpoint."""
 
 
-TRAINER_FORMAT = "proper.trainer/1"
+TRAINER_FORMAT = "proper.train.trainer/1"
 _CHECKPOINT_NAME = re.compile(r"step-\d{7}")
 
 
@@ -204,7 +204,7 @@ def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
 def read_checkpoint(ckpt: Path) -> tuple[dict[str, Tensor], dict]:
     """(trainer tensors, trainer.json body) of a checkpoint, after its checksums (its adapters'
     included) are verified; CheckpointError names the file that fails."""
-    from .io import AdapterFileError, _read, read_safetensors
+    from ..io import AdapterFileError, _read, read_safetensors
 
     weights, meta_file = ckpt / "trainer.safetensors", ckpt / "trainer.json"
     metadata, tensors = read_safetensors(weights, CheckpointError)
@@ -251,7 +251,7 @@ def _verified_latest(ckpt_dir: Path) -> Optional[tuple[Path, dict[str, Tensor], 
 
 def _check_world(ckpt_root: Path, world_size: int) -> None:
     """Refuse to start afresh beside checkpoints of another number of processes (they would
-    be ignored): resume with that number, or reshard (proper.distributed).
+    be ignored): resume with that number, or reshard (proper.train.distributed).
 
     Checkpoints of this number of processes, any rank's, count as this run's: a rank must
     not wait for another rank's write (rank 0 may still be saving when rank 1 resumes)."""
@@ -283,8 +283,8 @@ def train(
     the others are frozen for this run. With `ckpt_dir`, resumes from its latest checkpoint.
 
     Under torchrun / accelerate (a process group with several ranks) this trains as
-    ``proper.distributed`` describes, and leaves `model` holding this rank's shard of the user
-    bank (save it with ``proper.distributed.save_shard``) and, with ``parallel="fsdp"``,
+    ``proper.train.distributed`` describes, and leaves `model` holding this rank's shard of the user
+    bank (save it with ``proper.train.distributed.save_shard``) and, with ``parallel="fsdp"``,
     sharded by FSDP.
     """
     from tqdm.auto import tqdm
@@ -309,7 +309,7 @@ def train(
             if p.requires_grad:
                 p.requires_grad_(trainable(n))
     forward, replicated = model, []
-    if world_size > 1:  # torchrun: the bank sharded by user, DDP or FSDP over the rest (proper.distributed)
+    if world_size > 1:  # torchrun: the bank sharded by user, DDP or FSDP over the rest (proper.train.distributed)
         if cfg.parallel == "fsdp":  # before the optimizer: FSDP replaces the parameters
             replicated = distributed.wrap_fsdp(model, cfg.mixed_precision)
         else:

@@ -11,7 +11,7 @@ rows are never all-reduced, and so are the user-aware router tables (E numbers a
 which every rank holds whole and whose gradients the trainer sums (``sum_grads``; sparse
 ones stay sparse). Each rank's loss is its sum of token losses over the number of
 label tokens of the whole global batch, so the summed gradients are those of one process
-training on the global batch. ``proper.trainer.train`` does all this when a process group is
+training on the global batch. ``proper.train.trainer.train`` does all this when a process group is
 set up (``torchrun --nproc_per_node N``, ``accelerate launch --multi_gpu``), with one
 checkpoint directory per rank.
 
@@ -40,9 +40,9 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-from .io import WEIGHTS_NAME, _read, adapter_state_dict, copy_into, is_bank_key, write_adapters
-from .layer import owned_rows
-from .patching import _patch_of, bank_shard, check_shard, proper_layers
+from ..io import WEIGHTS_NAME, _read, adapter_state_dict, copy_into, is_bank_key, write_adapters
+from ..layer import owned_rows
+from ..patching import _patch_of, bank_shard, check_shard, proper_layers
 
 SHARD_META = "proper_shard"
 
@@ -269,7 +269,7 @@ def _shard_info(path: Path) -> dict:
     with safe_open(str(Path(path) / WEIGHTS_NAME), "pt") as f:
         meta = f.metadata() or {}
     if SHARD_META not in meta:
-        raise ValueError(f"{path} is not a shard written by proper.distributed.save_shard")
+        raise ValueError(f"{path} is not a shard written by proper.train.distributed.save_shard")
     return json.loads(meta[SHARD_META])
 
 

@@ -59,7 +59,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-SCHEMA = "proper.bench/1"
+SCHEMA = "proper.apps.bench/1"
 KINDS = {"linear": "floor", "base": "floor", "proper": "ours", "proper-torch": "ours", "proper-compile": "ours",
          "peft-moe": "baseline", "peft-mixed": "baseline", "peft-shared": "baseline", "lora": "baseline"}
 ROW_FIELDS = ("level", "sweep", "case", "variant", "kind", "device", "dtype", "shape", "backend", "mode",

@@ -27,7 +27,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .data import Encoded, pad_encoded
-from .patching import is_patched, user_context
+from ..patching import is_patched, user_context
 
 
 @torch.no_grad()

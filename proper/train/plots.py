@@ -8,8 +8,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from ._fs import atomic_write
-from .patching import proper_layers
+from .._fs import atomic_write
+from ..patching import proper_layers
 
 
 def _figure():

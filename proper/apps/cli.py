@@ -64,7 +64,7 @@ def _positive(name: str, value, allow_zero: bool = False) -> None:
 
 
 def _stages(text: str) -> list[int]:
-    from .stages import STAGES
+    from ..train.stages import STAGES
 
     try:
         stages = sorted({int(s) for s in text.split(",") if s.strip()})
@@ -77,7 +77,7 @@ def _stages(text: str) -> list[int]:
 
 def _validate(args) -> None:
     """Every flag, before anything heavy loads."""
-    from .stages import STAGES
+    from ..train.stages import STAGES
 
     if getattr(args, "model", None) is not None and not Path(args.model).is_dir():
         raise CliError(f"--model: no model directory at {args.model}")
@@ -107,7 +107,7 @@ def _validate(args) -> None:
     if predictions is not None and (Path(predictions).is_dir() or not Path(predictions).parent.is_dir()):
         raise CliError(f"--predictions: cannot write a file at {predictions}")
     if args.command == "data":
-        from .lamp import task_of
+        from ..train.lamp import task_of
 
         try:
             task_of(args.task)
@@ -157,8 +157,8 @@ def _defaults() -> tuple[dict, dict]:
     """The field defaults of PipelineConfig and TrainConfig (the CLI states none of its own)."""
     import dataclasses
 
-    from .stages import PipelineConfig
-    from .trainer import TrainConfig
+    from ..train.stages import PipelineConfig
+    from ..train.trainer import TrainConfig
 
     def of(cls):
         return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
@@ -168,7 +168,7 @@ def _defaults() -> tuple[dict, dict]:
 
 def _steps(text: str) -> dict[int, int]:
     """--steps: one count for every stage, or one per stage."""
-    from .stages import STAGES
+    from ..train.stages import STAGES
 
     try:
         counts = [int(v) for v in str(text).split(",")]
@@ -182,8 +182,8 @@ def _steps(text: str) -> dict[int, int]:
 
 
 def _pipeline_config(args, num_users: int):
-    from .stages import PipelineConfig
-    from .trainer import TrainConfig
+    from ..train.stages import PipelineConfig
+    from ..train.trainer import TrainConfig
 
     def train(steps):
         return TrainConfig(steps=steps, lr=args.lr, save_every=args.save_every, seed=args.seed, log_every=args.log_every,
@@ -198,7 +198,7 @@ def _pipeline_config(args, num_users: int):
 
 
 def _data(args, out: Path):
-    from .data import UserIndex, load_jsonl, split_by_user
+    from ..train.data import UserIndex, load_jsonl, split_by_user
 
     data = load_jsonl(args.data)
     split = split_by_user(data, seed=args.seed)
@@ -235,10 +235,10 @@ def _init_distributed() -> None:
 def cmd_train(args) -> int:
     import torch
 
-    from .data import special_token_ids
-    from .distributed import world
-    from .pipeline import batch_sampler, encode_split
-    from .stages import run_stage
+    from ..train.data import special_token_ids
+    from ..train.distributed import world
+    from ..train.pipeline import batch_sampler, encode_split
+    from ..train.stages import run_stage
 
     _init_distributed()
     out = Path(args.out)
@@ -259,10 +259,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from ._fs import atomic_write_text
-    from .metrics import score, score_by_bucket
-    from .pipeline import generate
-    from .stages import load_stage
+    from .._fs import atomic_write_text
+    from ..train.metrics import score, score_by_bucket
+    from ..train.pipeline import generate
+    from ..train.stages import load_stage
 
     out = Path(args.out)
     build, tokenizer = _model_loader(args.model)
@@ -291,7 +291,7 @@ def cmd_eval(args) -> int:
 def _task_kind(test) -> str:
     """The metric kind of the test records' task (``proper data lamp`` marks them), else
     generation."""
-    from .lamp import kind_of
+    from ..train.lamp import kind_of
 
     tasks = {ex.extra.get("task") for ex in test}
     if len(tasks) == 1 and None not in tasks:
@@ -300,16 +300,16 @@ def _task_kind(test) -> str:
 
 
 def cmd_data(args) -> int:
-    from .lamp import write
+    from ..train.lamp import write
 
     print(write(args.task, args.questions, args.outputs, args.out))
     return 0
 
 
 def cmd_generate(args) -> int:
-    from .data import Example, UserIndex
-    from .pipeline import generate
-    from .stages import load_stage
+    from ..train.data import Example, UserIndex
+    from ..train.pipeline import generate
+    from ..train.stages import load_stage
 
     out = Path(args.out)
     users = UserIndex.load(out / "users.json")
@@ -326,9 +326,9 @@ def cmd_generate(args) -> int:
 def _export_stage(out: Path, asked: Optional[int]) -> int:
     """The stage to export: `asked`, or the latest finished stage with an exact PEFT LoRA
     (said on stderr). Raises CliError, saying why and which stage to use, otherwise."""
-    from .export import inexact_reason
-    from .io import load_config
-    from .stages import STAGES, is_done, stage_dir
+    from ..export import inexact_reason
+    from ..io import load_config
+    from ..train.stages import STAGES, is_done, stage_dir
 
     # why each finished stage has no exact export (None: it has one), its config read once
     reasons = {s: inexact_reason(load_config(stage_dir(out, s) / "final")) for s in STAGES if is_done(out, s)}
@@ -354,9 +354,9 @@ def _export_stage(out: Path, asked: Optional[int]) -> int:
 
 
 def cmd_export(args) -> int:
-    from .data import UserIndex
-    from .export import export_peft
-    from .stages import load_stage
+    from ..train.data import UserIndex
+    from ..export import export_peft
+    from ..train.stages import load_stage
 
     if args.format != "peft":
         raise CliError(f"--format must be 'peft', got {args.format!r}")
