@@ -4,7 +4,8 @@
   Triton interpreter, which prefers few large programs). :func:`target_of` reads it from the
   device; :func:`recording` can force one.
 - ``CONFIGS``: the tuned launch configurations, keyed by (kernel, target, size class). The
-  kernels hold none.
+  kernels and their launchers (``triton_dense``, ``triton_dense_bwd``, ``triton_grouped``)
+  hold none: the op's call (``triton_linear._Call``) reads each launch's entry once.
 - :func:`recording`: a context in which launches are collected instead of run. Called with
   tensors on the ``meta`` device, the real host code of a forward and a backward then yields
   the exact launches a GPU would get, for any shape, for free. The compile gate
@@ -185,6 +186,10 @@ def _fill() -> None:
         CONFIGS[("shrink_wide", tgt, "any", 0, "fp32")] = (32, 32, 4, 2)
         CONFIGS[("bwd_dh_wide", tgt, "any", 0)] = (64, 64, 4, stages)
         CONFIGS[("bwd_dh_wide", tgt, "any", 0, "fp32")] = (32, 32, 4, 2)
+        # Per-expert weight gradients of the grouped strategy: (largest BLOCK_M, largest
+        # BLOCK_N; each is the padded M or N up to it), warps, stages; pairs in steps of
+        # the "grouped" BLOCK_P.
+        CONFIGS[("segment", tgt, "any", 0)] = (64, 64, 4, stages)
         # Weight gradients streamed over the tokens: (BLOCK_P tokens a step, BLOCK_K or
         # BLOCK_M features a program, warps, stages); one program per feature tile.
         for width in (16, 32, 64, 128, 256):
@@ -207,6 +212,7 @@ def _fill() -> None:
     CONFIGS[("grouped", "interp", "any", 0)] = (64, 64, 1, 1)
     CONFIGS[("shrink_wide", "interp", "any", 0)] = (64, 64, 1, 1)
     CONFIGS[("bwd_dh_wide", "interp", "any", 0)] = (64, 64, 1, 1)
+    CONFIGS[("segment", "interp", "any", 0)] = (64, 64, 1, 1)
     for ep in (16, 32, 64, 128, 256, 512, 1024):
         for kind in ("route", "route_bwd", "route_dx"):
             CONFIGS[(kind, "interp", "any", ep)] = (64, 64, 1, 1)
