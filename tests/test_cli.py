@@ -59,7 +59,7 @@ def _exported_matches_proper(root, data, model_dir, task, name, targets):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from proper.apps.cli import _model_loader
+    from proper.apps.commands import _model_loader
     from proper.train.data import UserIndex
     from proper.patching import user_context
     from proper.train.stages import load_stage
@@ -135,12 +135,12 @@ def _refused(capsys, argv):
 
 def test_every_refusal_is_one_line_before_anything_loads(workspace, capsys, tmp_path, monkeypatch):
     root, data, model_dir, task = workspace
-    import proper.apps.cli as cli
+    import proper.apps.commands as commands
 
     def no_load(path):
         raise AssertionError("the model must not load for a refused command")
 
-    monkeypatch.setattr(cli, "_model_loader", no_load)
+    monkeypatch.setattr(commands, "_model_loader", no_load)
     afile = tmp_path / "a-file"
     afile.write_text("x")
     bad = tmp_path / "bad.jsonl"
@@ -211,7 +211,6 @@ def test_train_defaults_come_from_the_configs_and_steps_per_stage(workspace, tmp
     stage; a progress line per --log-every steps when the output is not a terminal."""
     import argparse
 
-    import proper.apps.cli as cli
     from proper.train.stages import PipelineConfig
     from proper.train.trainer import TrainConfig
 
