@@ -1,4 +1,7 @@
-"""ProperConfig: every hyper-parameter of a patched model, saved next to its adapters."""
+"""ProperConfig: every hyper-parameter of a patched model, saved next to its adapters.
+
+Design: docs/DESIGN.md#config (what each field means).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""ProperLinear: a frozen linear layer plus group LoRA experts, routers and a user LoRA bank."""
+"""ProperLinear: a frozen linear layer plus group LoRA experts, routers and a user LoRA bank.
+
+Design: docs/DESIGN.md#math (the math of the layer).
+"""
 
 from __future__ import annotations
 
@@ -300,9 +303,11 @@ class ProperLinear(nn.Module):
         return E * ((counts / (tokens * self.top_k)) * (prob_sum / tokens)).sum()
 
     def distinctness_loss(self) -> Tensor:
-        """Mean squared cosine similarity between different experts' A (and B) matrices.
+        """The mean squared cosine similarity between different experts' (flattened) A
+        matrices, plus the same for their B matrices.
 
-        0 when the experts are pairwise orthogonal; 1 when they are all parallel.
+        0 when the experts are pairwise orthogonal; 2 when they are all parallel (1 for A and
+        1 for B).
         """
         E = self.num_experts
         if E < 2:

@@ -3,6 +3,8 @@
 Like Liger-Kernel's ``apply_liger_kernel_to_*`` the swap is explicit and reversible:
 ``patch_model`` records every module it replaced and every ``requires_grad`` flag it
 changed, and ``unpatch`` puts the very same objects and flags back.
+
+Design: docs/DESIGN.md#patching (patching and user_context).
 """
 
 from __future__ import annotations

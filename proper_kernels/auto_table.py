@@ -23,6 +23,8 @@ The default table (below) was chosen without a GPU, from the launch plans
 writes the measured table (``write_measured``, default ``~/.cache/proper/auto_table.json``;
 ``PROPER_AUTO_TABLE`` names another file). ``select_backend`` then reads it for the GPU it
 was measured on, and keeps the default for any other GPU.
+
+Design: docs/DESIGN.md#auto (how `auto` chooses).
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ phase (decode, prefill, training) and its number of tokens, by the table of
 (``explain=True`` gives the reason) before a call and :func:`last_backend` after one, and
 logged at DEBUG level. Asking for a backend that is not available raises an error
 that says why, never a silent fallback.
+
+Design: docs/DESIGN.md#backends (the backends and their shared op contract).
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ After the sort each user present has exactly one run, so a block of sorted token
 few runs, and a kernel does one tensor-core GEMM per run against that user's rows (the
 SGMV idea) instead of a per-token gather of the bank. Everything is built on the device
 with fixed-size tensor ops: no host sync, whatever the ids.
+
+Design: docs/DESIGN.md#plan (the per-batch plan).
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ Notation: x [T, in] tokens, E experts of rank r (lora_A [E, r, in],
 lora_B [E, out, r]), a bank of N users of rank r_u (user_A [N, r_u, in],
 user_B [N, out, r_u]), routers router_x [E, in], router_user [N + 1, E] (last row: users
 without a row, id -1) and router_h [E, r_u].
+
+Design: docs/DESIGN.md#math (the math this oracle computes).
 """
 
 from __future__ import annotations

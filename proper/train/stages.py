@@ -40,6 +40,8 @@ A stage's directory holds ``checkpoints/`` (resumable training state) and, once 
 ``routing.png`` (the users x experts heat map of the user-aware router). A later stage rebuilds its starting
 point from the earlier stages' ``final/`` directories, so each stage resumes from the
 previous stage's checkpoint and a finished stage is never trained again.
+
+Design: docs/DESIGN.md#pipeline (the pipeline (stage 2's grouping: #pipeline-stage2)).
 """
 
 from __future__ import annotations
