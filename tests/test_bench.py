@@ -33,6 +33,8 @@ def result(tmp_path_factory):
 def test_json_schema(result):
     res, _ = result
     assert res["schema"] == bench.SCHEMA
+    assert set(res) == set(bench.HEADER_FIELDS), set(res) ^ set(bench.HEADER_FIELDS)
+    assert res["command"].startswith("proper bench") and res["seconds"] > 0
     assert res["device"]["type"] == "cpu" and res["device"]["name"]
     for key in ("torch", "transformers", "peft", "proper", "python"):
         assert res["versions"][key]
@@ -40,7 +42,8 @@ def test_json_schema(result):
     assert res["settings"]["rounds"] == 2 and res["settings"]["quick"] is True
     assert res["rows"]
     for row in res["rows"]:
-        assert set(bench.ROW_FIELDS) <= set(row), set(bench.ROW_FIELDS) - set(row)
+        assert set(row) == set(bench.ROW_FIELDS), set(row) ^ set(bench.ROW_FIELDS)
+        assert row["ok"] is True and row["error"] is None, row["case"]
         assert row["kind"] == bench.KINDS[row["variant"]]
         assert row["device"] == "cpu" and row["dtype"] == "fp32"
         assert row["mode"] in ("forward", "train step", "generate")
@@ -49,6 +52,8 @@ def test_json_schema(result):
         assert row["peak_mib"] is None  # not measured on the CPU
         if row["level"] == "op":
             assert row["tflops"] > 0 and row["gbps"] > 0 and row["shape"]["tokens"] > 0
+            assert row["bytes"] > 0 and row["pct_of_copy"] > 0 and row["input_sets"] >= 1
+            assert row["ratio_to_floor"] > 0 and row["speedup_vs_peft"] > 0
 
 
 def test_every_baseline_row_is_present(result):

@@ -1,0 +1,7 @@
+"""``python -m proper.apps.bench``: the same as ``proper bench``."""
+
+import sys
+
+from .main import main
+
+sys.exit(main())
