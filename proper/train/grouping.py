@@ -1,4 +1,6 @@
-"""Stage 2's first assignment of users to experts, from the data instead of at random.
+"""Finding stage 2's groups: the first assignment of users to experts, from the data
+instead of at random (below), then the hard assignment steps and the split-and-merge move
+that ``proper.train.stages`` runs during the stage (the end of this file).
 
 A user's feature is a sketch of the gradient their records put on the output layer of the
 model stage 2 starts from (the base with stage 1 merged): for every target token t,
@@ -20,14 +22,15 @@ dominate training, and the hard assignment steps then place the rest by likeliho
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from . import distributed
 from .data import Encoded, pad_encoded
-from ..patching import is_patched, user_context
+from ..patching import is_patched, proper_layers, user_context
 
 
 @torch.no_grad()
@@ -122,3 +125,164 @@ def initial_groups(model: nn.Module, records: Sequence[Encoded], pad_id: int, nu
     x = x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
     groups, _ = kmeans(x, min(k, len(rows)), w, starts=starts, seed=seed)
     return rows, groups
+
+
+# Hard assignment (stage 2): each user to the expert under which their records are most
+# likely, and the split-and-merge move that repairs hard EM's usual dead end.
+
+FORCE_LOGIT = 30.0  # a router logit that puts (nearly) all of a token's gate on one expert
+
+
+def recent_records(records: Sequence[Encoded], per_user: int) -> list[Encoded]:
+    """The last `per_user` records of every user (records are in time order per user)."""
+    if per_user < 1:
+        raise ValueError(f"per_user must be >= 1, got {per_user}")
+    by_user: dict[int, list[Encoded]] = {}
+    for r in records:
+        by_user.setdefault(r.user_row, []).append(r)
+    return [r for u in sorted(by_user) for r in by_user[u][-per_user:]]
+
+
+def record_rows(records: Sequence[Encoded]) -> Tensor:
+    """The bank rows of the users that have records, sorted."""
+    return torch.tensor(sorted({r.user_row for r in records}), dtype=torch.long)
+
+
+def user_routers(model: nn.Module) -> list[Tensor]:
+    tables = {id(layer.router_user): layer.router_user for layer in proper_layers(model).values()
+              if layer.router_user is not None}
+    if not tables:
+        raise ValueError("the model has no user-aware router (router must include 'user')")
+    return list(tables.values())
+
+
+@torch.no_grad()
+def expert_losses(model: nn.Module, records: Sequence[Encoded], pad_id: int, batch_size: int = 64) -> Tensor:
+    """[num_users, E] float64: the summed token NLL of each user's `records` with every layer's
+    routing forced to one expert (a user without records: 0)."""
+    tables = user_routers(model)
+    E, N = tables[0].shape[1], tables[0].shape[0] - 1
+    out = torch.zeros(N, E, dtype=torch.float64)
+    saved = [t.detach().clone() for t in tables]
+    was_training = model.training
+    model.eval()
+    try:
+        for e in range(E):
+            for t in tables:
+                t.zero_()
+                t[:, e] = FORCE_LOGIT
+            for i in range(0, len(records), batch_size):
+                batch = pad_encoded(records[i:i + batch_size], pad_id)
+                rows, labels = batch.pop("user_rows"), batch.pop("labels")
+                device = tables[0].device
+                with user_context(model, rows.to(device)):
+                    logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+                nll = distributed.sequence_nll(logits, labels.to(device))
+                out[:, e].index_add_(0, rows, nll.double().cpu())
+    finally:
+        for t, s in zip(tables, saved):
+            t.copy_(s)
+        model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def set_assignment(model: nn.Module, rows: Tensor, experts: Tensor, strength: float) -> None:
+    """R[rows] = strength * one_hot(experts) in every user-aware router of the model."""
+    for t in user_routers(model):
+        t[rows.to(t.device)] = 0.0
+        t[rows.to(t.device), experts.to(t.device)] = strength
+
+
+class Assignment(NamedTuple):
+    experts: Tensor  # [num_users] the expert of each user, -1 for a user without records
+    nll: float  # the total NLL of the records under the likeliest experts (before any move)
+
+
+def assign_groups(model: nn.Module, records: Sequence[Encoded], pad_id: int, strength: float,
+                  split_merge: bool = False, seed: int = 0) -> Assignment:
+    """One hard assignment step: route every user with records to the expert under which those
+    records are most likely (with `split_merge`, after a split-and-merge move when one pays:
+    :func:`split_merge_move`)."""
+    losses = expert_losses(model, records, pad_id)
+    rows = record_rows(records)
+    best = losses[rows].min(-1)
+    experts = best.indices
+    if split_merge:
+        experts = split_merge_move(model, records, pad_id, losses, rows, experts, seed)
+    set_assignment(model, rows, experts, strength)
+    out = torch.full((losses.shape[0],), -1, dtype=torch.long)
+    out[rows] = experts
+    return Assignment(out, float(best.values.sum()))
+
+
+def split_merge_move(model: nn.Module, records: Sequence[Encoded], pad_id: int, losses: Tensor, rows: Tensor,
+                     experts: Tensor, seed: int = 0) -> Tensor:
+    """Hard EM's usual dead end, repaired (split-and-merge EM, Ueda et al. 2000): two experts
+    serve one group while a third holds two. Let L[u, e] be user u's NLL under expert e.
+
+    - merge: the pair (i, j) whose users lose least, per record, when one side joins the
+      other (a starved expert, with no user, costs nothing);
+    - split: the expert s whose users have the highest NLL in all (a mixture of groups is
+      big and fits neither). Its excess is its NLL per record minus the other experts' mean.
+
+    When the merge costs less than a third of the split's excess per record, the merged
+    side's expert is freed and takes a copy of s's weights and part of s's users: one
+    cluster of a 2-means over their gradient sketches under s (``proper.train.grouping``), where
+    two groups pull in opposite directions. Training and the later assignment steps then
+    settle the users.
+    Returns the (possibly new) expert of each of `rows`; `model` changes only if a move is
+    made."""
+    E = losses.shape[1]
+    if E < 3:
+        return experts
+    n_rec = torch.zeros(losses.shape[0], dtype=torch.float64)
+    for r in records:
+        n_rec[r.user_row] += 1
+    L, w = losses[rows], n_rec[rows]
+    own = L.gather(1, experts[:, None]).squeeze(1)
+    mass = torch.zeros(E, dtype=torch.float64).index_add_(0, experts, w)
+    nll = torch.zeros(E, dtype=torch.float64).index_add_(0, experts, own)
+    per_record = torch.where(mass > 0, nll / mass.clamp(min=1), torch.zeros_like(nll))
+    split = int(nll.argmax())
+    others = [e for e in range(E) if e != split and mass[e] > 0]
+    if not others or (experts == split).sum() < 2:
+        return experts
+    excess = float(per_record[split] - per_record[others].mean())
+    best_cost, freed, into = float("inf"), -1, -1
+    for i in range(E):
+        for j in range(E):
+            if split in (i, j) or i == j:
+                continue
+            moved = experts == j  # j's users join i, j is freed
+            cost = float((L[moved, i] - L[moved, j]).sum()) / max(float(mass[i] + mass[j]), 1.0)
+            if cost < best_cost:
+                best_cost, freed, into = cost, j, i
+    if freed < 0 or not best_cost < excess / 3:
+        return experts
+    mine_rows = set(rows[experts == split].tolist())
+    halves_rows, halves = initial_groups(model, [r for r in records if r.user_row in mine_rows], pad_id,
+                                         losses.shape[0], 2, seed=seed)
+    if halves.unique().numel() < 2:
+        return experts
+    experts = experts.clone()
+    experts[experts == freed] = into
+    position = {int(r): i for i, r in enumerate(rows.tolist())}
+    for r, h in zip(halves_rows.tolist(), halves.tolist()):
+        if h == 1:
+            experts[position[r]] = freed
+    with torch.no_grad():
+        for layer in proper_layers(model).values():
+            for t in (layer.lora_A, layer.lora_B, layer.router_x):
+                if t is None:
+                    continue
+                if hasattr(t, "full_tensor"):  # sharded by FSDP: every rank edits the whole, keeps its part
+                    from torch.distributed.tensor import distribute_tensor
+
+                    full = t.full_tensor()
+                    full[freed] = full[split]
+                    # src_data_rank=None: each rank cuts its part from its own (equal) copy, no broadcast
+                    t.copy_(distribute_tensor(full, t.device_mesh, t.placements, src_data_rank=None))
+                else:
+                    t[freed] = t[split]
+    return experts
