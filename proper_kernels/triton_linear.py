@@ -433,6 +433,14 @@ def _bwd_op(
     """Gradients in the order of _GRAD_NAMES (an empty tensor: no gradient), then, with
     compact, the user router's rows. compact: the bank's gradients as [max_runs, ...] values
     (rows: the plan's run users) and the user router's as [T, E] values."""
+    return _run_backward(dy, dgates, dlogits, x, x_lora, plan, lora_A, lora_B, router_x, router_user, router_h,
+                         user_A, user_B, logits, gates, idx, h, hg, hu, meta, scaling, top_k, temperature,
+                         user_scaling, same_x, max_runs, strategy, needs, compact)
+
+
+def _run_backward(dy, dgates, dlogits, x, x_lora, plan, lora_A, lora_B, router_x, router_user, router_h, user_A,
+                  user_B, logits, gates, idx, h, hg, hu, meta, scaling, top_k, temperature, user_scaling, same_x,
+                  max_runs, strategy, needs, compact):
     s = _call_of(x, lora_A, lora_B, top_k, user_A, strategy)
     x2 = _tokens(x)
     xl2 = x2 if same_x else _tokens(x_lora)
