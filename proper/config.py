@@ -14,6 +14,11 @@ ROUTER_SOURCES = ("token", "user", "lora")
 BACKENDS = ("auto", "triton", "cuda", "torch")
 
 
+# How a process runs the layers, not what was trained: chosen at patch time and never saved
+# (``to_json`` leaves them out; ``load_adapters(..., backend=, sparse_user_grad=)`` sets them).
+RUNTIME_FIELDS = ("backend", "sparse_user_grad")
+
+
 @dataclass
 class ProperConfig:
     """Hyper-parameters of ProperLinear.
@@ -103,11 +108,15 @@ class ProperConfig:
     def user_scaling(self) -> float:
         return self.user_alpha / self.user_rank if self.user_rank > 0 else 0.0
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, runtime: bool = True) -> dict[str, Any]:
+        """Every field; ``runtime=False`` leaves out the runtime choices (RUNTIME_FIELDS)."""
         d = dataclasses.asdict(self)
         d["router"] = list(self.router)
         if not isinstance(self.target_modules, str):
             d["target_modules"] = list(self.target_modules)
+        if not runtime:
+            for name in RUNTIME_FIELDS:
+                del d[name]
         return d
 
     @classmethod
@@ -121,8 +130,16 @@ class ProperConfig:
         return cls(**d)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        """The saved form: what the adapters are, without how this process runs them (the
+        runtime choices, RUNTIME_FIELDS, as PEFT keeps its runtime config out of
+        adapter_config.json)."""
+        return json.dumps(self.to_dict(runtime=False), indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "ProperConfig":
-        return cls.from_dict(json.loads(text))
+        """The saved form back; the runtime choices take their defaults (files written before
+        they were left out still carry them, and they are dropped)."""
+        d = json.loads(text)
+        if isinstance(d, dict):
+            d = {k: v for k, v in d.items() if k not in RUNTIME_FIELDS}
+        return cls.from_dict(d)

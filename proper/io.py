@@ -148,15 +148,25 @@ def load_config(path: Union[str, os.PathLike]) -> ProperConfig:
     return _read(Path(path))[0]
 
 
-def load_adapters(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
+def load_adapters(model: nn.Module, path: Union[str, os.PathLike], *, backend: Optional[str] = None,
+                  sparse_user_grad: Optional[bool] = None) -> nn.Module:
     """Load adapters saved by ``save_adapters`` into `model`; returns `model`.
 
-    A model that is not patched yet is patched with the stored config first. Everything is
-    checked before anything is copied: on any error the model is left as it was. A model
-    holding a shard of the user bank takes its own users' rows of the file's bank.
+    A model that is not patched yet is patched with the stored config first; the runtime
+    choices, which a file never holds, are then ``backend`` and ``sparse_user_grad`` (their
+    defaults when not given). A patched model keeps its own (``proper.set_backend`` changes
+    the backend). Everything is checked before anything is copied: on any error the model is
+    left as it was. A model holding a shard of the user bank takes its own users' rows of
+    the file's bank.
     """
-    config, tensors = _read(Path(path))
+    runtime = {k: v for k, v in (("backend", backend), ("sparse_user_grad", sparse_user_grad)) if v is not None}
     patched_here = not is_patched(model)
+    if runtime and not patched_here:
+        raise ValueError(f"load_adapters: {', '.join(runtime)}= applies when it patches the model, and this model "
+                         "is patched already (use proper.set_backend, or patch_model with a config)")
+    config, tensors = _read(Path(path))
+    if runtime:
+        config = ProperConfig.from_dict({**config.to_dict(), **runtime})  # checks the values
     if patched_here:
         # The file must fit the model its config describes before anything is allocated (a
         # config may ask for a bank of 10**15 users next to tiny tensors).

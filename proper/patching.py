@@ -192,7 +192,8 @@ def get_config(model: nn.Module) -> ProperConfig:
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Put back the original modules (the very same objects) and requires_grad flags."""
+    """Put back the original modules (the very same objects) and requires_grad flags,
+    dropping the adapters: PEFT's ``unload`` (``proper.unload`` is the same function)."""
     patch = _patch_of(model)
     for name, layer in patch.layers.items():
         parent_name, _, child = name.rpartition(".")
@@ -207,10 +208,14 @@ def unpatch(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge(model: nn.Module) -> nn.Module:
-    """Fold each layer's population LoRA into its base weight and unpatch (PEFT's
-    merge_and_unload). Needs one expert and no user bank or user router, where the result
-    is exact; otherwise raises and leaves the model as it was."""
+unload = unpatch  # PEFT's name for it
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold each layer's population LoRA into its base weight and unpatch, as PEFT's
+    ``merge_and_unload`` does (``merge`` is the same function). Needs one expert and no user
+    bank or user router, where the result is exact; otherwise raises and leaves the model as
+    it was."""
     patch = _patch_of(model)
     for name, layer in patch.layers.items():
         if layer.num_experts != 1 or layer.needs_user_ids:
@@ -224,6 +229,9 @@ def merge(model: nn.Module) -> nn.Module:
         layer.merge()
     setattr(model, MERGED_ATTR, merged_loras(model) + [folded])
     return unpatch(model)
+
+
+merge = merge_and_unload  # the name proper had first
 
 
 def set_backend(model: nn.Module, backend: str) -> nn.Module:

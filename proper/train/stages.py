@@ -69,7 +69,7 @@ from .grouping import (  # noqa: F401
     set_assignment,
     split_merge_move,
 )
-from ..patching import merge, patch_model, proper_layers
+from ..patching import merge_and_unload, patch_model, proper_layers
 from .plots import plot_losses, plot_routing
 from .trainer import TrainConfig, latest_checkpoint, train
 
@@ -168,7 +168,7 @@ def base_for_stage(build_base: Callable[[], nn.Module], out: Path, stage: int) -
     model = build_base()
     if stage >= 2:
         load_adapters(model, stage_dir(out, 1) / "final")
-        merge(model)
+        merge_and_unload(model)
     return model
 
 
