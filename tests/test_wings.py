@@ -95,3 +95,13 @@ def test_every_wing_says_who_may_import_it():
     for init in ("proper/train/__init__.py", "proper/apps/__init__.py", "proper/__init__.py"):
         doc = ast.get_docstring(ast.parse((ROOT / init).read_text())) or ""
         assert "import" in doc and ("never" in doc or "nothing" in doc), init
+
+
+MAX_LINES = 420  # "about 400"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "proper").rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_module_is_long_unless_it_says_why(path):
+    lines = path.read_text().count("\n")
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    assert lines <= MAX_LINES or "one story" in doc, f"{path.relative_to(ROOT)}: {lines} lines"
