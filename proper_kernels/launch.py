@@ -5,7 +5,7 @@
   device; :func:`recording` can force one.
 - ``CONFIGS``: the tuned launch configurations, keyed by (kernel, target, size class). The
   kernels and their launchers (``triton_dense``, ``triton_dense_bwd``, ``triton_grouped``)
-  hold none: the op's call (``triton_linear._Call``) reads each launch's entry once.
+  hold none: the op's call (``triton_call.Call``) reads each launch's entry once.
 - :func:`recording`: a context in which launches are collected instead of run. Called with
   tensors on the ``meta`` device, the real host code of a forward and a backward then yields
   the exact launches a GPU would get, for any shape, for free. The compile gate

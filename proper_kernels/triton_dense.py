@@ -16,7 +16,7 @@ final sum into base_out, with its experts' products done per (token, slot) pair.
 
 x, x_lora, base_out and y are read and written through their strides (any 2-D layout, no
 copy); the weights and the side buffers are contiguous. Launch configurations come from
-the call (``triton_linear._Call``), which reads them from ``proper_kernels.launch``.
+the call (``triton_call.Call``), which reads them from ``proper_kernels.launch``.
 """
 
 from __future__ import annotations

@@ -326,7 +326,7 @@ def _bwd_dh_wide(
 
 # -- launchers ------------------------------------------------------------------------------
 #
-# `s` is the call (``triton_linear._Call``: sizes, dtypes and the launch configurations it
+# `s` is the call (``triton_call.Call``: sizes, dtypes and the launch configurations it
 # read from ``proper_kernels.launch``); `sched` the call's Schedule.
 
 

@@ -1,9 +1,9 @@
 """The fused ProperLinear op in Triton: router, top-k, gated expert LoRAs and user LoRA.
 
-This file is the op: the sizes and launch configurations of a call (``_Call``), the order
-in which the kernels run forward and backward and the buffers they share, the choice of
-strategy, and the ``torch.library`` ops with their autograd. The kernels and their
-launchers live by strategy:
+This file is the op: the order in which the kernels run forward and backward and the
+buffers they share, and the ``torch.library`` ops with their autograd. The sizes and launch
+configurations of a call and the choice of strategy are ``triton_call``'s. The kernels and
+their launchers live by strategy:
 
 - ``triton_dense`` / ``triton_dense_bwd``: kernels over blocks of the plan's sorted tokens
   (``proper_kernels.plan``); a block holds the runs of a few users, so the user LoRA is
@@ -29,21 +29,19 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
 from torch import Tensor
 
 from . import launch as _launch
 from . import triton_dense, triton_dense_bwd, triton_grouped
 from .plan import ORDER, RUN, RUN_END, RUN_USER, UID, BatchPlan, build_plan, check_plan
 from .reference import Routing
+from .triton_call import DENSE_MAX_COLUMNS, STRATEGIES, Call, choose_strategy, meta_len, side_widths  # noqa: F401
 from .triton_blocks import bank_bytes as _bank_bytes
-from .triton_blocks import dot_dtype as _dot_dtype
+from .triton_blocks import dot_dtype as _dot_dtype  # noqa: F401  (read here by the tests)
 from .triton_blocks import nbytes as _nbytes
-from .triton_blocks import pow2 as _pow2
-from .triton_blocks import precision as _precision
 
-# Largest E*r the dense strategy holds in one tile.
-DENSE_MAX_COLUMNS = 256
+
+_Call = Call  # the name cost.py and the tests use
 
 
 def _empty(*shape, device, dtype) -> Tensor:
@@ -67,104 +65,7 @@ def _tokens(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-DENSE, GROUPED = "dense", "grouped"
-STRATEGIES = (DENSE, GROUPED)
-
-# Dense is picked automatically up to this many expert columns (E*r).
-DENSE_AUTO_COLUMNS = 128
-
-
-def choose_strategy(num_experts: int, rank: int) -> str:
-    """Dense-masked while all experts' columns fit a small tile, grouped beyond."""
-    return DENSE if num_experts * rank <= DENSE_AUTO_COLUMNS else GROUPED
-
-
-class _Call:
-    """Sizes, paddings, dtypes and launch configurations of one call, computed once."""
-
-    def __init__(self, x2: Tensor, lora_A: Tensor, lora_B: Tensor, top_k: int, r_u: int, strategy: str) -> None:
-        self.T, self.IN = x2.shape
-        self.E, self.R, _ = lora_A.shape
-        self.OUT = lora_B.shape[1]
-        self.RU = r_u
-        self.TOP_K = top_k
-        self.dense = strategy == DENSE
-        self.ER = self.E * self.R
-        self.EP = _pow2(self.E)
-        self.ERP = _pow2(self.ER) if self.dense else 16  # grouped: no [T, E*r] tile
-        self.RP = _pow2(self.R)
-        self.RUP = _pow2(r_u)
-        self.KP = _pow2(top_k, floor=2)
-        # Grouped up to WIDE_MAX_COLUMNS: the expand and dx read g*h and dh in a dense layout.
-        self.wide = not self.dense and self.ER <= triton_grouped.WIDE_MAX_COLUMNS
-        # ... and while the dense FLOPs cost less than k gathers of x, the shrink too.
-        self.wide_shrink = self.wide and self.ER <= triton_grouped.WIDE_SHRINK_PER_SLOT * top_k
-        self.ERX = _pow2(self.ER) if (self.dense or self.wide) else 16  # columns the expand and dx see
-        self.CW = (self.ER if (self.dense or self.wide) else 0) + self.E  # width of the backward's dcat
-        self.LOFF = self.CW - self.E  # where d logits start in dcat
-        self.dtype = x2.dtype
-        self.DT = _dot_dtype(x2.dtype)
-        self.PREC = _precision(x2.dtype)
-        if self.dense and self.ER > DENSE_MAX_COLUMNS:
-            raise ValueError(f"the dense Triton strategy holds E*r <= {DENSE_MAX_COLUMNS}, got {self.ER}")
-        if self.EP > 1024:
-            raise ValueError(f"the Triton kernels route over at most 1024 experts, got {self.E}")
-        device = x2.device
-        self.target = _launch.target_of(device)
-        size = _launch.size_class(self.T)
-        width = self.ERP if self.dense else 16
-        xwidth = self.ERP if self.dense else (256 if self.wide else 16)  # the expand's and dx's
-        fp32 = x2.dtype == torch.float32
-
-        def cfg(kind, size="any", width=0):
-            return _launch.config(kind, self.target, size, width, fp32)
-
-        if self.dense:
-            self.shrink, self.bwd_dh = cfg("shrink", size, width), cfg("bwd_dh", size, width)
-        else:  # the grouped strategy's routing kernels: keyed by the experts a row holds
-            self.shrink, self.bwd_dh = cfg("route", "any", self.EP), cfg("route_bwd", "any", self.EP)
-        self.route = cfg("reduce", "any", width)
-        self.expand = cfg("expand", size, xwidth)
-        self.bwd_dx = cfg("bwd_dx", size, xwidth) if (self.dense or self.wide) else cfg("route_dx", "any", self.EP)
-        self.grouped = cfg("grouped")
-        self.shrink_wide = cfg("shrink_wide")
-        self.bwd_dh_wide = cfg("bwd_dh_wide")
-        self.segment = cfg("segment")  # block caps for the expert's M and N, warps, stages
-        self.wgrad_in = cfg("wgrad_in", "any", width)
-        self.wgrad_out = cfg("wgrad_out", "any", width)
-        self.BLOCK_P = self.grouped[0]
-        # The expert columns one dot takes: all of them for 16-bit inputs (one tensor-core
-        # dot), a chunk for fp32, whose CUDA-core dots hold both operands in registers.
-        self.BLOCK_C = min(self.ERX, _launch.FP32_COLUMN_CHUNK if fp32 else _launch.WIDE_COLUMN_CHUNK)
-        self.BLOCK_CW = min(self.ERX, _launch.FP32_COLUMN_CHUNK if fp32 else _launch.SHRINK_COLUMN_CHUNK)
-        # The backward's d(g*h) dense too, in column chunks that hold whole experts.
-        self.wide_bwd = self.wide_shrink and self.BLOCK_CW % self.R == 0
-        self.split = 1
-        if size == "decode":  # split the features so that the shrink covers every SM
-            blocks = max(1, triton.cdiv(self.T, self.shrink[0]))  # T = 0: no launch, no split
-            tiles = triton.cdiv(self.IN, self.shrink[1])
-            self.split = max(1, min(tiles, triton.cdiv(_launch.num_sms(device, self.target), blocks)))
-
-    def consts(self) -> dict:
-        return dict(E=self.E, R=self.R, RU=self.RU, ERP=self.ERP, RUP=self.RUP, DT=self.DT, PREC=self.PREC)
-
-    def num_pairs(self) -> int:
-        return self.T * self.TOP_K
-
-
-def _side_widths(s: _Call) -> tuple[int, int]:
-    """Rows and width of the saved h and g*h: [T, E*r] dense (and grouped with the dense
-    shrink), [T*k, r] grouped (sorted pairs)."""
-    return (s.T, s.ER) if (s.dense or s.wide_shrink) else (s.num_pairs(), s.R)
-
-
-def _meta_len(s: _Call) -> int:
-    if s.dense:
-        return 0
-    return s.num_pairs() + s.E + 1 + 2 * triton_grouped.num_blocks(s.num_pairs(), s.E, s.BLOCK_P)
-
-
-def forward(s: _Call, x2, xl2, base2, table, lora_A, lora_B, scaling, temperature,
+def forward(s: Call, x2, xl2, base2, table, lora_A, lora_B, scaling, temperature,
             router_x, router_user, router_h, user_A, user_B, user_scaling, y=None, bank_rows=None):
     """Launch the forward. x2, xl2, base2 (and y): 2-D [T, *] in any layout; the weights
     contiguous; `table` is the plan's [6, T]. bank_rows: how many bank rows the batch reads
@@ -177,7 +78,7 @@ def forward(s: _Call, x2, xl2, base2, table, lora_A, lora_B, scaling, temperatur
     f32 = dict(device=dev, dtype=torch.float32)
     T, has_u = s.T, s.RU > 0
     rows4 = (table[UID], table[ORDER], table[RUN], table[RUN_USER])
-    rows, width = _side_widths(s)
+    rows, width = side_widths(s)
     h = _empty(rows, width, **f32)
     hg = _empty(rows, width, device=dev, dtype=x2.dtype)
     hu = _empty(T, max(s.RU, 1), **f32)
@@ -226,7 +127,7 @@ def forward(s: _Call, x2, xl2, base2, table, lora_A, lora_B, scaling, temperatur
     return y, (h, hg, hu, logits, gates, idx, meta)
 
 
-def backward(s: _Call, dy2, dgates, dlext, saved, x2, xl2, table, max_runs, lora_A, lora_B, scaling, temperature,
+def backward(s: Call, dy2, dgates, dlext, saved, x2, xl2, table, max_runs, lora_A, lora_B, scaling, temperature,
              router_x, router_user, router_h, user_A, user_B, user_scaling, needs, compact):
     """Gradients by name: x, x_lora, lora_A, lora_B, router_x, router_user, router_h, user_A,
     user_B (absent: not needed). dy2, dgates, dlext, x2, xl2 in any 2-D layout. compact:
@@ -386,13 +287,13 @@ def _fwd_op(
 def _(x, x_lora, base_out, plan, lora_A, lora_B, router_x, router_user, router_h, user_A, user_B,
       scaling, top_k, temperature, user_scaling, same_x, max_runs, strategy, compact):
     s = _call_of(x, lora_A, lora_B, top_k, user_A, strategy)
-    rows, width = _side_widths(s)
+    rows, width = side_widths(s)
     f32 = dict(dtype=torch.float32)
     return (
         base_out.new_empty(base_out.shape), x.new_empty(s.T, s.E, **f32), x.new_empty(s.T, top_k, **f32),
         x.new_empty(s.T, top_k, dtype=torch.long), x.new_empty(rows, width, **f32),
         x.new_empty(rows, width), x.new_empty(s.T, max(s.RU, 1), **f32),
-        x.new_empty(_meta_len(s), dtype=torch.long),
+        x.new_empty(meta_len(s), dtype=torch.long),
     )
 
 
