@@ -4,7 +4,7 @@ into the whole adapters exactly."""
 
 import pytest
 import torch
-from conftest import LLAMA, NUM_USERS, VOCAB, full_config
+from _helpers.models import LLAMA, NUM_USERS, VOCAB, full_config
 
 import proper
 from proper.train.distributed import load_shard, merge_shards, save_shard, shard_bank

@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from _helpers.models import tiny_llama
 
 import proper
 
@@ -20,10 +20,7 @@ def device_for(backend: str) -> torch.device:
 
 
 def patched_llama(backend):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(seed=0, layers=1)
     cfg = proper.ProperConfig(num_experts=4, top_k=2, rank=4, user_rank=2, num_users=5,
                               router=("token", "user", "lora"), backend=backend)
     proper.patch_model(model, cfg)

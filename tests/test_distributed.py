@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LLAMA, NUM_USERS, VOCAB, full_config
+from _helpers.distributed import CFG, FSDP_CFG, batch_at, only_tables, stage_config, stage_records
+from _helpers.models import LLAMA, NUM_USERS, VOCAB, full_config
+from _helpers.stages import split_merge_case
 
 import proper
 from proper.train.distributed import load_shard, local_batch, merge_shards, owners, split_adapters
@@ -19,26 +21,16 @@ from proper.io import adapter_state_dict
 from proper.train.trainer import TrainConfig, train
 
 TESTS = Path(__file__).resolve().parent
-# lr 1e-3: Adam divides each gradient by its own size, so an element whose gradient is a
-# cancellation near zero turns fp32 summation-order noise (one process vs two) into a step
-# of up to lr; at 1e-3 that stays well inside the 1e-5 the adapters must agree to.
-CFG = dict(steps=4, lr=1e-3, save_every=2, progress=False, load_balance=0.05, distinctness=0.05)
-
-
-def batch_at(step):
-    g = torch.Generator().manual_seed(3000 + step)
-    ids = torch.randint(0, VOCAB, (8, 7), generator=g)
-    return {"input_ids": ids, "labels": ids, "user_rows": torch.randint(-1, NUM_USERS, (8,), generator=g)}
 
 
 WORKER = textwrap.dedent("""
     import json, sys, torch, torch.distributed as dist
     sys.path.insert(0, {tests!r})
-    from conftest import LLAMA, full_config
+    from _helpers.models import LLAMA, full_config
     import proper
     from proper.train.distributed import save_shard, owners
     from proper.train.trainer import TrainConfig, train
-    from test_distributed import batch_at, CFG
+    from _helpers.distributed import batch_at, CFG
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     out = sys.argv[1]
@@ -140,31 +132,15 @@ def test_two_ranks_train_the_same_adapters_as_one_and_reshard_exactly(tmp_path):
 STAGES_WORKER = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
     sys.path.insert(0, {tests!r})
-    from conftest import LLAMA
+    from _helpers.models import LLAMA
     from proper.train.stages import run_stage
-    from test_distributed import batch_at, stage_config, stage_records
+    from _helpers.distributed import batch_at, stage_config, stage_records
     dist.init_process_group("gloo")
     for stage in (1, 2, 3):
         torch.manual_seed(stage)
         run_stage(LLAMA.build, batch_at, sys.argv[1], stage_config(), stage, records=stage_records(), pad_id=0)
     dist.destroy_process_group()
 """)
-
-
-def stage_config():
-    from proper.train.stages import PipelineConfig
-
-    tc = TrainConfig(**{**CFG, "steps": 3})
-    return PipelineConfig(num_users=NUM_USERS, target_modules=LLAMA.targets, num_experts=3, top_k=2, rank=4,
-                          user_rank=2, train={1: tc, 2: tc, 3: tc}, group_assignments=2)
-
-
-def stage_records():
-    from proper.train.data import Encoded
-
-    g = torch.Generator().manual_seed(9)
-    return [Encoded(tuple(torch.randint(4, VOCAB, (3,), generator=g).tolist()),
-                    tuple(torch.randint(4, VOCAB, (3,), generator=g).tolist()), u % NUM_USERS) for u in range(12)]
 
 
 @pytest.mark.slow
@@ -232,16 +208,14 @@ def test_proper_train_runs_unchanged_under_a_launcher(tmp_path, launcher):
     assert (tmp_path / "two" / "stage3" / "shards" / "rank-1-of-2").is_dir()
 
 
-FSDP_CFG = dict(steps=4, lr=1e-3, save_every=2, progress=False, load_balance=0.05, distinctness=0.05)
-
 FSDP_WORKER = textwrap.dedent("""
     import json, sys, torch, torch.distributed as dist
     sys.path.insert(0, {tests!r})
-    from conftest import LLAMA, full_config
+    from _helpers.models import LLAMA, full_config
     import proper
     from proper.train.distributed import save_shard
     from proper.train.trainer import TrainConfig, train
-    from test_distributed import batch_at, FSDP_CFG
+    from _helpers.distributed import batch_at, FSDP_CFG
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     out, mp = sys.argv[1], (None if sys.argv[2] == "fp32" else sys.argv[2])
@@ -330,11 +304,11 @@ def test_a_rank_resumes_while_another_is_still_writing_its_checkpoint(tmp_path):
 SPARSE_WORKER = textwrap.dedent("""
     import json, sys, torch, torch.distributed as dist
     sys.path.insert(0, {tests!r})
-    from conftest import LLAMA, full_config
+    from _helpers.models import LLAMA, full_config
     import proper
     from proper.train.distributed import save_shard
     from proper.train.trainer import TrainConfig, train
-    from test_distributed import batch_at, CFG
+    from _helpers.distributed import batch_at, CFG
     dist.init_process_group("gloo")
     out, parallel = sys.argv[1], sys.argv[2]
     torch.manual_seed(0)
@@ -363,11 +337,11 @@ def test_sparse_user_gradients_on_two_ranks_train_what_one_process_trains(tmp_pa
 ONLY_TABLES_WORKER = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
     sys.path.insert(0, {tests!r})
-    from conftest import LLAMA, full_config
+    from _helpers.models import LLAMA, full_config
     import proper
     from proper.train.distributed import save_shard
     from proper.train.trainer import TrainConfig, train
-    from test_distributed import batch_at, CFG, only_tables
+    from _helpers.distributed import batch_at, CFG, only_tables
     dist.init_process_group("gloo")
     torch.manual_seed(0)
     model = proper.patch_model(LLAMA.build(), full_config(LLAMA.targets, router=("user",)))
@@ -375,10 +349,6 @@ ONLY_TABLES_WORKER = textwrap.dedent("""
     save_shard(model, f"{{sys.argv[1]}}/rank-{{dist.get_rank()}}")
     dist.destroy_process_group()
 """)
-
-
-def only_tables(name: str) -> bool:
-    return name.endswith(("user_A", "user_B", "router_user"))
 
 
 @pytest.mark.slow
@@ -401,7 +371,7 @@ SPLIT_MERGE_WORKER = textwrap.dedent("""
     from proper.train.distributed import wrap_fsdp
     from proper.layer import whole
     from proper.train.stages import split_merge_move
-    from test_grouping import split_merge_case
+    from _helpers.stages import split_merge_case
     dist.init_process_group("gloo")
     model, recs, L, rows, start = split_merge_case()
     wrap_fsdp(model)
@@ -420,7 +390,6 @@ def test_split_merge_move_under_fsdp_matches_one_process(tmp_path):
     """FSDP shards the experts' tables over ranks: a move copies an expert through the whole
     tensor and every rank keeps its part, so the result is one process's."""
     from safetensors.torch import load_file
-    from test_grouping import split_merge_case
 
     from proper.train.stages import split_merge_move
 

@@ -5,7 +5,7 @@ import inspect
 
 import pytest
 import torch
-from conftest import BATCH_IDS, LLAMA, NUM_USERS, VOCAB, full_config, make_batch
+from _helpers.models import BATCH_IDS, LLAMA, NUM_USERS, VOCAB, full_config, make_batch
 
 import proper
 

@@ -6,7 +6,7 @@ import torch.nn as nn
 
 import proper
 import proper_kernels
-from test_reference import make_case
+from _helpers.cases import make_case
 
 F32 = torch.float32
 

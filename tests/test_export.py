@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import GPT2, LLAMA, NUM_USERS, full_config, make_batch, population_config, randomize_adapters
+from _helpers.models import GPT2, LLAMA, NUM_USERS, full_config, make_batch, population_config, randomize_adapters
 
 import proper
 from proper.export import export_peft

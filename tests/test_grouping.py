@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-from conftest import LLAMA, NUM_USERS
-from test_stages import batch_at, records
+from _helpers.stages import batch_at, records, split_merge_case
+from _helpers.models import LLAMA, NUM_USERS
 
 import proper
 from proper.train.data import pad_encoded
@@ -110,24 +110,6 @@ def test_a_short_stage2_with_top1_still_assigns_users(tmp_path):
     finally:
         st.assign_groups = real
     assert len(calls) == len(assignment_steps(24, cfg.group_assignments, cfg.group_assign_until)) == 8
-
-
-def split_merge_case():
-    """(stage-2 model, records, L, rows, start): experts 2 and 3 serve their users equally well
-    (a merge costs nothing) and expert 1's users lose far more than the others' (a mixture),
-    so split_merge_move must make its move. Also the case of the 2-rank FSDP test."""
-    torch.manual_seed(0)
-    cfg = proper.ProperConfig(num_experts=4, top_k=2, rank=4, alpha=8.0, user_rank=0, num_users=NUM_USERS,
-                              router=("user",), share_user_router=True, dropout=0.0, target_modules=list(LLAMA.targets))
-    model = proper.patch_model(LLAMA.build(), cfg)
-    with torch.no_grad():
-        for layer in proper.proper_layers(model).values():
-            layer.lora_B.normal_(0.0, 0.3)
-    L = torch.full((NUM_USERS, 4), 40.0, dtype=torch.float64)
-    L[0, 0] = 8.0  # expert 0 fits its user: 2 nats a record
-    L[1:4, 1] = 24.0  # expert 1's users: 6 nats a record
-    L[4:6, 2] = L[4:6, 3] = 8.0  # experts 2 and 3 are interchangeable
-    return model, records((4,) * NUM_USERS), L, torch.arange(NUM_USERS), torch.tensor([0, 1, 1, 1, 2, 3])
 
 
 def test_split_merge_move_frees_a_redundant_expert_for_the_worst_one():

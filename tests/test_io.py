@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 import proper
 import proper.io
-from conftest import (
+from _helpers.models import (
     BATCH_IDS,
     GPT2,
     LLAMA,

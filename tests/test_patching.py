@@ -6,7 +6,7 @@ import torch
 
 import proper
 import proper_kernels
-from conftest import (
+from _helpers.models import (
     BATCH_IDS,
     GPT2,
     LLAMA,

@@ -70,7 +70,7 @@ def test_built_on_meta_tensors_so_no_step_reads_a_value_back():
 def test_fused_linear_takes_the_plan_and_the_weights(per_sequence):
     """The op by its contract (plan + weights) gives what proper_linear gives from user ids."""
     import proper_kernels
-    from test_reference import make_case
+    from _helpers.cases import make_case
 
     case = make_case(4, 12, 10, 7, 4, 2, 3, 2, 5, ("token", "user", "lora"), per_sequence=per_sequence, seq_len=3)
     names = ("lora_A", "lora_B", "router_x", "router_user", "router_h", "user_A", "user_B")
@@ -95,7 +95,7 @@ def test_one_plan_per_forward_shared_by_every_layer_and_the_backward(monkeypatch
     """proper.user_context's batch: the first layer builds the plan, the others (and the
     backward) reuse it; a new batch builds a new one."""
     import proper
-    from conftest import tiny_llama
+    from _helpers.models import tiny_llama
     from proper_kernels import plan as plan_mod
 
     calls = []

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import LLAMA, NUM_USERS, VOCAB, full_config
+from _helpers.models import LLAMA, NUM_USERS, VOCAB, full_config
 
 import proper
 import proper_kernels

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from conftest import LLAMA, NUM_USERS, VOCAB
+from _helpers.stages import batch_at, records
+from _helpers.models import LLAMA, NUM_USERS
 
 import proper
-from proper.train.data import Encoded
 from proper.io import load_adapters, save_adapters
 from proper.train.stages import (
     FORCE_LOGIT,
@@ -19,24 +19,6 @@ from proper.train.stages import (
     run_stage,
 )
 from proper.train.trainer import TrainConfig
-
-
-def batch_at(step):
-    g = torch.Generator().manual_seed(step)
-    ids = torch.randint(0, VOCAB, (4, 8), generator=g)
-    return {"input_ids": ids, "labels": ids, "user_rows": torch.randint(-1, NUM_USERS, (4,), generator=g)}
-
-
-def records(n_per_user=(3, 1, 0, 2, 5), seed=0):
-    """Encoded training records: user row u gets n_per_user[u] records (row 2 none)."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for u, n in enumerate(n_per_user):
-        for _ in range(n):
-            L = int(torch.randint(2, 5, (1,), generator=g))
-            out.append(Encoded(tuple(torch.randint(4, VOCAB, (3,), generator=g).tolist()),
-                               tuple(torch.randint(4, VOCAB, (L,), generator=g).tolist()), u))
-    return out
 
 
 @pytest.mark.parametrize("restarts", [1, 2])

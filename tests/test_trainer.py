@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import LLAMA, NUM_USERS, VOCAB, full_config
+from _helpers.models import LLAMA, NUM_USERS, VOCAB, full_config
 
 import proper
 from proper.train.trainer import TrainConfig, latest_checkpoint, lr_factor, train

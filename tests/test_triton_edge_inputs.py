@@ -11,9 +11,9 @@ import os
 
 import pytest
 import torch
-from kernel_checks import PARAMS, TOL, poisoned_empty, rel_err
-from kernel_checks import cast as cast_to
-from test_reference import make_case
+from _helpers.cases import make_case
+from _helpers.kernels import PARAMS, poisoned_empty, rel_err
+from _helpers.kernels import cast as cast_to
 
 from proper_kernels import reference
 
@@ -26,6 +26,9 @@ from proper_kernels import triton_grouped, triton_linear, triton_router  # noqa:
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
+# Per dtype: the largest error of the finite values of y, the gates and the logits relative
+# to the float64 reference's largest magnitude; the gradients get twice it.
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 # (strategy, (WIDE_MAX_COLUMNS, WIDE_SHRINK_PER_SLOT) or None for the defaults). E*r = 32
 # here, so the grouped defaults run its dense shrink; the other two force the shrink

@@ -11,10 +11,10 @@ import torch
 
 import proper_kernels
 from proper_kernels import reference
-from kernel_checks import grid, poisoned_empty, rel_err
-from kernel_checks import cast as cast_to
-from kernel_checks import check as check_fn
-from test_reference import make_case
+from _helpers.cases import grid, make_case
+from _helpers.kernels import cast as cast_to
+from _helpers.kernels import check as check_fn
+from _helpers.kernels import poisoned_empty, rel_err
 
 triton = pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -28,9 +28,14 @@ def cast(case, dtype):
 
 
 def check(case, dtype, strategy):
-    check_fn(case, dtype, DEVICE, lambda **kw: triton_linear.proper_linear(**kw, strategy=strategy))
+    """Forward and every gradient against the float64 reference, within TOL[dtype]."""
+    check_fn(case, dtype, DEVICE, lambda **kw: triton_linear.proper_linear(**kw, strategy=strategy), TOL[dtype])
+
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Per dtype: the largest error of y, the gates and the logits relative to the float64
+# reference's largest magnitude; every gradient gets twice it.
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
 @pytest.fixture(autouse=True)

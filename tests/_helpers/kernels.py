@@ -1,11 +1,11 @@
 """Shared checks of a backend's proper_linear against the float64 reference (used by the
-Triton and the CUDA backend tests)."""
+Triton and the CUDA backend tests). Every check takes its tolerance from the caller: each
+test states the tolerance of its dtype next to its case."""
 
 import torch
 
 from proper_kernels import reference
 
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 PARAMS = ("x", "base_out", "lora_A", "lora_B", "router_x", "router_user", "router_h", "user_A", "user_B")
 
 
@@ -25,9 +25,10 @@ def rel_err(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
-def check(case, dtype, device, fn, extra_logit_grad=True):
+def check(case, dtype, device, fn, tol, extra_logit_grad=True):
     """Forward + all gradients of `fn` (a backend's proper_linear) vs the float64 reference
-    on the same values: indices exact, everything else within the dtype's tolerance."""
+    on the same values: indices exact, the routing and y within `tol` (relative to the
+    reference's largest magnitude), every gradient within 2 * tol."""
     low = cast(case, dtype, device)
     names = [n for n in PARAMS if low[n] is not None]
     ins = {n: low[n].clone().requires_grad_(True) for n in names}
@@ -36,7 +37,6 @@ def check(case, dtype, device, fn, extra_logit_grad=True):
     ins64 = {n: hi[n].clone().requires_grad_(True) for n in names}
     y64, routing64 = reference.proper_linear(**dict(hi, **ins64))
 
-    tol = TOL[dtype]
     assert y.dtype == dtype and y.shape == y64.shape
     # Slots whose gate underflows in fp32 (k close to E, large logits) may order differently;
     # they carry no weight. Every slot that matters must pick the same expert.
@@ -67,26 +67,3 @@ def check(case, dtype, device, fn, extra_logit_grad=True):
         assert ins[n].grad.dtype == dtype
         err = rel_err(ins[n].grad, ref) if ref.abs().max() > 0 else ins[n].grad.abs().max().item()
         assert err <= tol * 2, (n, err)
-
-
-SOURCE_SETS = [(), ("token",), ("user",), ("lora",), ("token", "user"), ("token", "lora"), ("user", "lora"),
-               ("token", "user", "lora")]
-SIZES = [(5, 3), (70, 37), (130, 67)]  # not multiples of the block
-
-
-def grid():
-    """A covering grid: every value of every axis appears, without the full product."""
-    cases = []
-    i = 0
-    for E, k in [(1, 1), (4, 1), (4, 2), (4, 4), (16, 2), (16, 16)]:
-        for sources in SOURCE_SETS:
-            T = (1, 7, 129)[i % 3]
-            d_in, d_out = SIZES[(i // 3) % 3]
-            r = (4, 16)[i % 2] if E < 16 else 4
-            r_u = (0, 8)[(i // 2) % 2]
-            cold = i % 4 != 3
-            cases.append((T, d_in, d_out, E, k, r, r_u, sources, cold))
-            i += 1
-    return cases
-
-
