@@ -18,7 +18,7 @@ import torch.nn as nn
 
 import proper
 import proper_kernels
-from proper_kernels import cost, triton_grouped, triton_linear, triton_router
+from proper_kernels import cost
 
 
 def run_goal_cases() -> None:
@@ -36,9 +36,18 @@ def run_goal_cases() -> None:
     torch.cuda.synchronize()
 
 
+def triton_modules() -> list:
+    """Every proper_kernels.triton_* module: each strategy's file holds its own kernels."""
+    import importlib
+    import pkgutil
+
+    return [importlib.import_module(f"proper_kernels.{m.name}") for m in pkgutil.iter_modules(proper_kernels.__path__)
+            if m.name.startswith("triton_")]
+
+
 def spills() -> list[str]:
     bad, seen = [], 0
-    for module in (triton_linear, triton_grouped, triton_router):
+    for module in triton_modules():
         for name in dir(module):
             fn = getattr(module, name)
             caches = getattr(fn, "device_caches", None)
