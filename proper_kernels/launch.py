@@ -220,6 +220,13 @@ def _fill() -> None:
         CONFIGS[("reduce", "interp", "any", width)] = (64, 0, 1, 1)
         CONFIGS[("wgrad_in", "interp", "any", width)] = (64, 64, 1, 1)
         CONFIGS[("wgrad_out", "interp", "any", width)] = (64, 64, 1, 1)
+    # The standalone router_topk op (proper_kernels.triton_router): one token's E logits
+    # (padded to EP, at least 16) in a row, about 1-2K values a tile; the same on every
+    # target, and 3 stages (Triton's default: no loop of loads to pipeline).
+    for ep, (bt, warps) in {16: (64, 4), 32: (64, 4), 64: (32, 4), 128: (16, 4), 256: (8, 4), 512: (4, 8),
+                            1024: (4, 8)}.items():
+        for tgt in TARGETS + ("interp",):
+            CONFIGS[("router_topk", tgt, "any", ep)] = (bt, ep, warps, 3)
 
 
 _fill()

@@ -35,19 +35,9 @@ __all__ = ["MAX_EXPERTS", "router_topk_forward", "router_topk_backward", "Router
 # Widest router one program holds (all E experts of a token live in one tile).
 MAX_EXPERTS = 1024
 
-# Launch configurations keyed by BLOCK_E (E padded to a power of two, at least 16):
-# (BLOCK_T tokens per program, num_warps). About 1-2K elements per tile.
-_CONFIGS = {
-    16: (64, 4),
-    32: (64, 4),
-    64: (32, 4),
-    128: (16, 4),
-    256: (8, 4),
-    512: (4, 8),
-    1024: (4, 8),
-}
+# Launch configurations: launch.CONFIGS[("router_topk", target, "any", BLOCK_E)], BLOCK_E being E
+# padded to a power of two, at least 16.
 _MIN_BLOCK_E = 16
-_NUM_STAGES = 3  # Triton's default; the kernels have no loads in a loop to pipeline
 
 
 def _nbytes(*ts) -> int:
@@ -186,10 +176,11 @@ def _compute_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _launch_config(num_experts: int) -> tuple[int, int, int]:
+def _launch_config(num_experts: int, target: str = "sm90") -> tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_E, num_warps, num_stages) from the launch table."""
     block_e = max(_MIN_BLOCK_E, triton.next_power_of_2(num_experts))
-    block_t, num_warps = _CONFIGS[block_e]
-    return block_t, block_e, num_warps
+    block_t, _, num_warps, num_stages = _launch.config("router_topk", target, "any", block_e)
+    return block_t, block_e, num_warps, num_stages
 
 
 def router_topk_forward(
@@ -213,13 +204,13 @@ def router_topk_forward(
     indices = out_indices if out_indices is not None else _empty(T, top_k, device=logits.device, dtype=torch.int64)
     if T == 0:
         return gates, indices
-    block_t, block_e, num_warps = _launch_config(E)
+    block_t, block_e, num_warps, num_stages = _launch_config(E, _launch.target_of(logits.device))
     hi, lo = _split_inverse(temperature)
     _launch.launch(
         _router_topk_fwd_kernel, (triton.cdiv(T, block_t),), (logits, gates, indices, T, hi, lo),
         dict(E=E, TOP_K=top_k, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
              COMPUTE=_compute_dtype(logits.dtype)),
-        num_warps, _NUM_STAGES, bytes=_nbytes(logits, gates, indices), note="router top-k",
+        num_warps, num_stages, bytes=_nbytes(logits, gates, indices), note="router top-k",
     )
     return gates, indices
 
@@ -259,13 +250,13 @@ def router_topk_backward(
     dlogits = out_dlogits if out_dlogits is not None else _empty(T, E, device=logits.device, dtype=logits.dtype)
     if T == 0:
         return dlogits
-    block_t, block_e, num_warps = _launch_config(E)
+    block_t, block_e, num_warps, num_stages = _launch_config(E, _launch.target_of(logits.device))
     hi, lo = _split_inverse(temperature)
     indices, dgates = indices.contiguous(), dgates.contiguous()
     _launch.launch(
         _router_topk_bwd_kernel, (triton.cdiv(T, block_t),), (logits, indices, dgates, dlogits, T, hi, lo),
         dict(E=E, TOP_K=top_k, BLOCK_T=block_t, BLOCK_E=block_e, COMPUTE=_compute_dtype(logits.dtype)),
-        num_warps, _NUM_STAGES, bytes=_nbytes(logits, indices, dgates, dlogits), note="router top-k backward",
+        num_warps, num_stages, bytes=_nbytes(logits, indices, dgates, dlogits), note="router top-k backward",
     )
     return dlogits
 

@@ -232,8 +232,9 @@ def test_empty_batch():
 
 def test_every_expert_count_has_a_launch_config():
     for E in range(1, triton_router.MAX_EXPERTS + 1):
-        block_t, block_e, num_warps = triton_router._launch_config(E)
-        assert block_e >= E and block_t >= 1 and num_warps >= 1
+        for target in ("sm90", "sm80", "interp"):
+            block_t, block_e, num_warps, num_stages = triton_router._launch_config(E, target)
+            assert block_e >= E and block_t >= 1 and num_warps >= 1 and num_stages >= 1
 
 
 def test_bad_inputs_name_the_argument():
