@@ -1,5 +1,6 @@
-"""The repository carries its own design: every `docs/DESIGN.md#anchor` a file cites exists,
-and no tracked file names a document outside the repository."""
+"""The repository carries its own design: every citation of a section of docs/DESIGN.md
+exists, no tracked file names a document outside the repository, and README's Layout
+matches the tree."""
 
 import re
 import subprocess
@@ -52,3 +53,38 @@ def test_no_file_names_a_document_outside_the_repository():
                                        ("docs/DESIGN.md#math", False)])
 def test_the_outside_check_can_fail(text, bad):
     assert any(p.search(text) for p in OUTSIDE) == bad
+
+
+def _layout() -> dict[str, str]:
+    """README's Layout block: {directory or file at the start of a line: the text that describes it}."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+    entries, current = {}, None
+    for line in block.splitlines():
+        if not line.strip():
+            continue
+        if not line.startswith(" "):
+            current, _, rest = line.partition(" ")
+            entries[current] = rest
+        else:
+            entries[current] += " " + line.strip()
+    return entries
+
+
+def test_readme_layout_matches_the_tree():
+    entries = _layout()
+    for head, text in entries.items():
+        assert (ROOT / head).exists(), f"README's Layout names {head}, which is not in the tree"
+        if head.endswith("/"):
+            for name in re.findall(r"\b([a-z_][a-z0-9_]*\.(?:py|md|sh))\b", text):
+                where = [ROOT / head / name, ROOT / head / "data" / name, ROOT / name]
+                assert any(p.exists() for p in where), f"README's Layout says {head} holds {name}"
+    # every module of the library, the wings and the kernels is in it
+    for package in ("proper", "proper/train", "proper/train/data", "proper/apps", "proper/apps/bench",
+                    "proper_kernels"):
+        head = package + "/" if package + "/" in entries else package.rsplit("/", 1)[0] + "/"
+        text = entries[head]
+        for path in sorted((ROOT / package).glob("*.py")):
+            if path.name in ("__init__.py", "__main__.py"):
+                continue
+            assert path.name in text, f"{path.relative_to(ROOT)} is missing from README's Layout"
