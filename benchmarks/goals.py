@@ -7,6 +7,9 @@
 - decode: the bandwidth the plan's bytes imply at the measured time (goal >= 70% of HBM; for
   the CUDA backend the floor's bytes), and the naive loop / layer (CUDA decode goal >= 8x).
 
+Timed with the harness's one timer (proper.apps.bench.timing: CUDA events via do_bench on a
+GPU, interleaved perf_counter rounds on the CPU).
+
     python -m benchmarks.goals [--out DIR] [--smoke] [--backend triton|cuda|auto]
 
 Each row also carries the roofline prediction of ``proper bench --plan``. ``--smoke`` runs
@@ -18,15 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 import proper_kernels
+from proper.apps.bench.timing import time_interleaved
 from proper_kernels import cost
 from proper_kernels.plan import build_plan
 
@@ -37,24 +39,9 @@ def peak_bandwidth(name: str) -> float:
     return next((bw for key, bw in PEAK_BANDWIDTH.items() if key in name), 3.35e12)
 
 
-def timer(fn, device: torch.device, rounds: int, warmup: int = 3) -> float:
-    """Median seconds of fn() over `rounds` (CUDA events on a GPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(rounds):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def medians_s(timings: dict) -> dict[str, float]:
+    """Median seconds of the harness timer's results (proper.apps.bench.timing: the one timer)."""
+    return {name: t.median_ms / 1e3 for name, t in timings.items()}
 
 
 def tensors(c: cost.Case, device, dtype, n_users: int):
@@ -115,14 +102,15 @@ def measure(c: cost.Case, device: torch.device, dtype: torch.dtype, backend: str
 
     with torch.no_grad():
         base = x @ W.t()
-        times = dict(
-            linear_forward=timer(lambda: x @ W.t(), device, rounds),
-            layer_forward=timer(lambda: fused(x, params), device, rounds),
-            op_forward=timer(lambda: fused(x, params, base), device, rounds),
-            naive_forward=timer(lambda: naive(x, params), device, rounds),
-        )
-    times.update(linear_train=timer(linear_train, device, rounds), frozen_train=timer(frozen_train, device, rounds),
-                 layer_train=timer(fused_train, device, rounds))
+        times = medians_s(time_interleaved(dict(
+            linear_forward=lambda: x @ W.t(),
+            layer_forward=lambda: fused(x, params),
+            op_forward=lambda: fused(x, params, base),
+            naive_forward=lambda: naive(x, params),
+        ), device, rounds))
+    times.update(medians_s(time_interleaved(
+        dict(linear_train=linear_train, frozen_train=frozen_train, layer_train=fused_train), device, rounds,
+        grads=dict(linear_train=[xg, linear.weight], frozen_train=[xg], layer_train=[xg, *grads.values()]))))
     dtype_name = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")
     rep = cost.plan_report(c, dtype_name, "sm90")
     peak = peak_bandwidth(torch.cuda.get_device_name(device) if device.type == "cuda" else "")
