@@ -43,8 +43,9 @@ timeout 180 python -m benchmarks.goals --out "$OUT" --backend cuda || status=1
 proper bench --plan --out "$OUT/launch-plan-sm90.md" > /dev/null || status=1
 proper bench --plan --backend cuda --out "$OUT/launch-plan-cuda-sm90.md" > /dev/null || status=1
 
-echo "== op benchmark"
+echo "== op and router_topk benchmarks"
 python -m benchmarks.bench_op --device cuda --dtype bf16 --out "$OUT/op-$(date -u +%Y-%m-%d).json" || status=1
+python -m benchmarks.bench_router --device cuda --dtype bf16 --out "$OUT/router-$(date -u +%Y-%m-%d).json" || status=1
 
 echo "== the benchmark suite (op, block, ~1B model: forward, training step, 64-user generation)"
 proper bench --device cuda --quick --out "$OUT" || status=1
