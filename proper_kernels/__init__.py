@@ -4,6 +4,10 @@
 ``fused_linear`` is the same op by its contract: a batch plan (``build_plan``, once per
 batch) and a layer's ``AdapterWeights``;
 ``proper_kernels.reference`` is the plain-PyTorch oracle every backend is tested against.
+
+The kernels are the floor everything stands on: this package imports torch, triton and its
+own CUDA extension, and never imports ``proper`` (``tests/test_wings.py`` walks the imports
+and checks it). Design: docs/DESIGN.md#backends.
 """
 
 from . import reference
