@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 from _helpers.cases import make_case
-from _helpers.kernels import PARAMS, poisoned_empty, rel_err
+from _helpers.kernels import LAYOUTS, PARAMS, poisoned_empty, rel_err, use_layout
 from _helpers.kernels import cast as cast_to
 
 from proper_kernels import reference
@@ -21,7 +21,7 @@ triton = pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
-from proper_kernels import triton_grouped, triton_linear, triton_router  # noqa: E402
+from proper_kernels import triton_linear, triton_router  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -29,16 +29,6 @@ DTYPE_IDS = ["fp32", "fp16", "bf16"]
 # Per dtype: the largest error of the finite values of y, the gates and the logits relative
 # to the float64 reference's largest magnitude; the gradients get twice it.
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
-
-# (strategy, (WIDE_MAX_COLUMNS, WIDE_SHRINK_PER_SLOT) or None for the defaults). E*r = 32
-# here, so the grouped defaults run its dense shrink; the other two force the shrink
-# gathered per (token, slot) pair (with a dense expand and dx), and the atomic expand and dx.
-LAYOUTS = {
-    "dense": ("dense", None),
-    "grouped": ("grouped", None),
-    "grouped-gathered": ("grouped", (4096, 0)),
-    "grouped-atomic": ("grouped", (0, 0)),
-}
 
 # numpy, under the interpreter, warns about the NaN and inf - inf it computes.
 pytestmark = [
@@ -55,14 +45,6 @@ def poison(monkeypatch):
     """Fill every kernel output with NaN (floats) or -7 (ints) before the launch writes it."""
     monkeypatch.setattr(triton_linear, "_empty", poisoned_empty)
     monkeypatch.setattr(triton_router, "_empty", poisoned_empty)
-
-
-def use_layout(layout, monkeypatch):
-    strategy, wide = LAYOUTS[layout]
-    if wide is not None:
-        monkeypatch.setattr(triton_grouped, "WIDE_MAX_COLUMNS", wide[0])
-        monkeypatch.setattr(triton_grouped, "WIDE_SHRINK_PER_SLOT", wide[1])
-    return strategy
 
 
 def check_specials(got, want, tol, what, exact=True):

@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+from _helpers.kernels import LAYOUTS, poisoned_empty, use_layout
 
 from proper_kernels import reference
 
@@ -18,7 +19,7 @@ triton = pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
-from proper_kernels import launch, triton_grouped, triton_linear  # noqa: E402
+from proper_kernels import launch, triton_linear  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # y and the routing against the float64 reference; gradients get twice this
@@ -27,34 +28,12 @@ TOL = {torch.float32: 2e-5, torch.float16: 1e-2}
 SAME = {torch.float32: 1e-6, torch.float16: 1e-3}
 GRADS = ("x", "x_lora", "lora_A", "lora_B", "router_x", "router_user", "router_h", "user_A", "user_B")
 
-# (strategy, (WIDE_MAX_COLUMNS, WIDE_SHRINK_PER_SLOT) or None): the grouped strategy's dense
-# shrink (its defaults here), its shrink per pair with a dense expand, and its atomic one.
-LAYOUTS = {
-    "dense": ("dense", None),
-    "grouped": ("grouped", None),
-    "grouped-gathered": ("grouped", (4096, 0)),
-    "grouped-atomic": ("grouped", (0, 0)),
-}
-
 T, D_IN, D_OUT, E, K, R, R_U, USERS = 37, 20, 12, 6, 2, 4, 4, 5
-
-
-def _nan_empty(*shape, device, dtype):
-    t = torch.empty(*shape, device=device, dtype=dtype)
-    return t.fill_(float("nan")) if dtype.is_floating_point else t.fill_(-7)
 
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    monkeypatch.setattr(triton_linear, "_empty", _nan_empty)
-
-
-def use_layout(layout, monkeypatch):
-    strategy, wide = LAYOUTS[layout]
-    if wide is not None:
-        monkeypatch.setattr(triton_grouped, "WIDE_MAX_COLUMNS", wide[0])
-        monkeypatch.setattr(triton_grouped, "WIDE_SHRINK_PER_SLOT", wide[1])
-    return strategy
+    monkeypatch.setattr(triton_linear, "_empty", poisoned_empty)
 
 
 def make_inputs(seed=0, separate_x=False):

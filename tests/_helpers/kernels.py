@@ -67,3 +67,26 @@ def check(case, dtype, device, fn, tol, extra_logit_grad=True):
         assert ins[n].grad.dtype == dtype
         err = rel_err(ins[n].grad, ref) if ref.abs().max() > 0 else ins[n].grad.abs().max().item()
         assert err <= tol * 2, (n, err)
+
+
+# The Triton strategies' layouts a test runs under: (strategy, (WIDE_MAX_COLUMNS,
+# WIDE_SHRINK_PER_SLOT) or None for the defaults). At the tests' small E*r the grouped
+# strategy's defaults take its dense shrink; (4096, 0) its shrink per pair with a dense
+# expand; (0, 0) its atomic one.
+LAYOUTS = {
+    "dense": ("dense", None),
+    "grouped": ("grouped", None),
+    "grouped-gathered": ("grouped", (4096, 0)),
+    "grouped-atomic": ("grouped", (0, 0)),
+}
+
+
+def use_layout(layout, monkeypatch):
+    """Set the grouped strategy's thresholds for `layout`; returns the strategy's name."""
+    from proper_kernels import triton_grouped
+
+    strategy, wide = LAYOUTS[layout]
+    if wide is not None:
+        monkeypatch.setattr(triton_grouped, "WIDE_MAX_COLUMNS", wide[0])
+        monkeypatch.setattr(triton_grouped, "WIDE_SHRINK_PER_SLOT", wide[1])
+    return strategy
