@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import proper_kernels
-from proper_kernels.reference import Routing
+from proper_kernels.reference import Routing, gather_rows
 
 from .config import ProperConfig
 
@@ -115,28 +115,6 @@ class UserState:
             rows = torch.cat([owned_rows(self.num_users, *self.shard), torch.tensor([self.num_users])])
             self._router_rows[device] = rows.to(device)
         return self._router_rows[device]
-
-
-class _RouterRows(torch.autograd.Function):
-    """table[rows], whose gradient for the whole table is sparse over `rows` when the one
-    that comes back is sparse (sparse_user_grad), else dense."""
-
-    @staticmethod
-    def forward(ctx, table: Tensor, rows: Tensor) -> Tensor:
-        ctx.save_for_backward(rows)
-        ctx.num_rows = table.shape[0]
-        return table.index_select(0, rows)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (rows,) = ctx.saved_tensors
-        shape = (ctx.num_rows,) + tuple(grad.shape[1:])
-        if grad.is_sparse:
-            grad = grad.coalesce()
-            return torch.sparse_coo_tensor(rows[grad.indices()[0]][None], grad.values(), shape,
-                                           check_invariants=False).coalesce(), None
-        whole = grad.new_zeros(shape)
-        return whole.index_add_(0, rows, grad), None
 
 
 class ProperLinear(nn.Module):
@@ -241,7 +219,8 @@ class ProperLinear(nn.Module):
         if router_user is not None and router_user.device != x.device:  # shared table, model split over devices
             router_user = router_user.to(x.device)
         if router_user is not None and self._state.shard is not None:  # ids are rows of the bank shard
-            router_user = _RouterRows.apply(router_user, self._state.router_rows(router_user.device))
+            # the rows in local order; the table's gradient stays sparse when the kernel's is
+            router_user = gather_rows(router_user, self._state.router_rows(router_user.device))
         y, routing = proper_kernels.proper_linear(
             x.to(dt),
             base_out.to(dt),

@@ -64,24 +64,38 @@ def _groups(user_ids: Tensor, lead_shape: torch.Size) -> tuple[int, Tensor]:
 
 
 class _GatherRows(torch.autograd.Function):
-    """table[rows] whose gradient w.r.t. table is a sparse COO tensor (sparse over the first
-    dim, dense rows), so a bank of a million users never gets a dense gradient."""
+    """table[rows] whose gradient w.r.t. table is sparse over the first dim (dense rows) when
+    asked (``sparse``) or when the gradient that comes back is itself sparse; else dense."""
 
     @staticmethod
-    def forward(ctx, table: Tensor, rows: Tensor) -> Tensor:
+    def forward(ctx, table: Tensor, rows: Tensor, sparse: bool) -> Tensor:
         ctx.save_for_backward(rows)
-        ctx.table_shape = table.shape
-        return table[rows]
+        ctx.table_shape, ctx.sparse = table.shape, sparse
+        return table.index_select(0, rows)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (rows,) = ctx.saved_tensors
-        return torch.sparse_coo_tensor(rows[None], grad, ctx.table_shape, check_invariants=False).coalesce(), None
+        shape = ctx.table_shape
+        if grad.is_sparse:  # sparse over the gathered rows: map them back to the table's
+            grad = grad.coalesce()
+            return torch.sparse_coo_tensor(rows[grad.indices()[0]][None], grad.values(), shape,
+                                           check_invariants=False).coalesce(), None, None
+        if ctx.sparse:
+            return torch.sparse_coo_tensor(rows[None], grad, shape, check_invariants=False).coalesce(), None, None
+        return grad.new_zeros(shape).index_add_(0, rows, grad), None, None
+
+
+def gather_rows(table: Tensor, rows: Tensor, sparse: bool = False) -> Tensor:
+    """table[rows] (rows 1-D). The gradient of `table` is sparse over `rows` with ``sparse``,
+    or when the gradient of the result comes back sparse (a kernel's sparse bank gradient),
+    so a bank of a million users never gets a dense gradient; otherwise it is dense."""
+    return _GatherRows.apply(table, rows, sparse)
 
 
 def _take_rows(table: Tensor, rows: Tensor, sparse: bool) -> Tensor:
     """table[rows] (rows 1-D); with ``sparse`` the gradient of `table` is sparse over `rows`."""
-    return _GatherRows.apply(table, rows) if sparse else table[rows]
+    return gather_rows(table, rows, True) if sparse else table[rows]
 
 
 def _user_rows(user_ids: Tensor, lead_shape: torch.Size, bank: Tensor,

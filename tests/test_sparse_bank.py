@@ -55,6 +55,23 @@ def test_sparse_rows_get_adamw_updates_and_state_only_for_rows_seen():
     assert ol.state[lazy]["row_step"][ol.state[lazy]["slot"][torch.tensor([1, 4])]].tolist() == [5, 5]
 
 
+@pytest.mark.parametrize("path", ["dense", "sparse", "sparse-coming-back"])
+def test_gather_rows_gradient_equals_dense_indexing(path):
+    """reference.gather_rows, the one gather with a sparse table gradient (the reference's
+    bank rows and the layer's local router rows): each gradient path equals plain indexing."""
+    table = torch.randn(9, 4, dtype=DT)
+    rows = torch.tensor([7, 2, 7, 0])  # a repeated row: its gradients add up
+    dy = torch.randn(4, 4, dtype=DT)
+    want_t = table.clone().requires_grad_(True)
+    want_t[rows].backward(dy)
+    t = table.clone().requires_grad_(True)
+    got = reference.gather_rows(t, rows, sparse=path == "sparse")
+    # "sparse-coming-back": the gradient of the gathered rows is itself sparse (a kernel's)
+    got.backward(dy.to_sparse(1) if path == "sparse-coming-back" else dy)
+    assert t.grad.is_sparse == (path != "dense")
+    torch.testing.assert_close(t.grad.to_dense(), want_t.grad, rtol=0, atol=1e-12)
+
+
 def test_a_row_is_bias_corrected_by_its_own_step_count():
     p = torch.zeros(4, 1, dtype=DT, requires_grad=True)
     opt = LazyAdamW([p], lr=0.1)
