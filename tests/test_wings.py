@@ -4,6 +4,7 @@
     proper_kernels  never imports proper
     proper          (the library) never imports proper.train or proper.apps
     proper.train    never imports proper.apps
+    none of them    imports benchmarks/ or tests/ (not installed with the package)
 """
 
 import ast
@@ -48,6 +49,8 @@ def _wing(module: str) -> str:
     parts = module.split(".")
     if parts[0] == "proper_kernels":
         return "kernels"
+    if parts[0] in ("benchmarks", "tests", "conftest", "_helpers") or parts[0].startswith("test_"):
+        return "scripts"  # not installed with the package
     if parts[0] != "proper":
         return "outside"
     if len(parts) > 1 and parts[1] in ("train", "apps"):
@@ -56,7 +59,8 @@ def _wing(module: str) -> str:
 
 
 # what each wing may not import
-FORBIDDEN = {"kernels": {"library", "train", "apps"}, "library": {"train", "apps"}, "train": {"apps"}, "apps": set()}
+FORBIDDEN = {"kernels": {"library", "train", "apps", "scripts"}, "library": {"train", "apps", "scripts"},
+             "train": {"apps", "scripts"}, "apps": {"scripts"}}
 
 
 def _modules():
@@ -85,6 +89,8 @@ def _forbidden(name: str, imports: set[str]) -> list[str]:
     ("proper.train.stages", "import proper.apps.bench\n", ["proper.apps.bench"]),
     ("proper_kernels.dispatch", "import proper\n", ["proper"]),
     ("proper.apps.cli", "from ..train import stages\nfrom .. import io\n", []),
+    ("proper.apps.bench.main", "from benchmarks.goals import tensors\n", ["benchmarks.goals",
+                                                                        "benchmarks.goals.tensors"]),
 ])
 def test_the_walker_catches_each_kind_of_import(name, source, bad):
     # the check can fail: a lazy import, `from .. import x`, an absolute one, the bare package
