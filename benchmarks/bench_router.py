@@ -64,16 +64,14 @@ def run_case(tokens: int, experts: int, device, dtype, dtype_name: str, backends
 
         fns[(variant, "forward")], fns[(variant, "full")] = forward, full
         grads[(variant, "full")] = [leaf]
-    rows = []
-    timed = time_interleaved({f"{v}/{m}": fn for (v, m), fn in fns.items()}, device, rounds, budget_ms=budget_ms,
-                             grads={f"{v}/{m}": p for (v, m), p in grads.items()})
-    for (variant, mode) in fns:
-        t = timed[f"{variant}/{mode}"]
-        nbytes = op_bytes(tokens, experts, logits.element_size(), mode)
-        row = make_row("router", "tokens x experts", f"T={tokens} E={experts}", variant, device, dtype_name,
-                       {"tokens": tokens, "experts": experts, "top_k": TOP_K}, backends[variant], mode, t,
-                       nbytes=nbytes, tokens=tokens)
-        rows.append(row)
+    timed = time_interleaved(fns, device, rounds, budget_ms=budget_ms, grads=grads)
+    shape = {"tokens": tokens, "experts": experts, "top_k": TOP_K}
+    rows = [make_row("router", "tokens x experts", f"T={tokens} E={experts}", variant, device, dtype_name, shape,
+                     backends[variant], mode, t, nbytes=op_bytes(tokens, experts, logits.element_size(), mode),
+                     tokens=tokens)
+            for (variant, mode), t in timed.items()]
+    for r in rows:  # the eager torch reference is this op's floor
+        r["kind"] = "floor" if r["variant"] == "proper-torch" else r["kind"]
     return rows
 
 
@@ -105,8 +103,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows = []
     for tokens, experts in cases(quick):
         rows += run_case(tokens, experts, device, dtype, dtype_name, backends, rounds, args.budget_ms)
-    for r in rows:  # the torch row is this op's floor
-        r["kind"] = "floor" if r["variant"] == "proper-torch" else r["kind"]
     result["rows"] = finish_rows(rows, peaks)
     result["seconds"] = time.time() - t0
     out = args.out or RESULTS_DIR / f"router-{slug(result['device']['name'])}-{result['date']}.json"

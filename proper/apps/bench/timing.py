@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import gc
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Hashable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -93,10 +93,11 @@ def _time_cuda(fn: Callable[[], object], device: torch.device, rounds: int, budg
     return Timing(float(med), float(p20), float(p80), reps)
 
 
-def time_interleaved(fns: Mapping[str, Callable[[], object]], device: torch.device, rounds: int,
+def time_interleaved(fns: Mapping[Hashable, Callable[[], object]], device: torch.device, rounds: int,
                      warmup: int = 2, *, budget_ms: Optional[float] = None,
-                     grads: Optional[Mapping[str, Sequence[Tensor]]] = None) -> dict[str, Timing]:
-    """Time every function of `fns` (ms): per-function quantiles, see the module docstring.
+                     grads: Optional[Mapping[Hashable, Sequence[Tensor]]] = None) -> dict[Hashable, Timing]:
+    """Time every function of `fns` (ms), keyed as `fns` is (a name, or a (variant, mode)
+    pair): per-function quantiles, see the module docstring.
 
     grads: name -> tensors whose ``.grad`` is reset before every run, outside the timed part."""
     grads = grads or {}
@@ -110,7 +111,7 @@ def time_interleaved(fns: Mapping[str, Callable[[], object]], device: torch.devi
         for n in names:
             _reset(grads.get(n, ()))
             fns[n]()
-    times: dict[str, list[float]] = {n: [] for n in names}
+    times: dict[Hashable, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         for n in order:
