@@ -109,7 +109,7 @@ __global__ void __launch_bounds__(kThreads, 2) decode_router_kernel(DecodeLaunch
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2) decode_shrink_kernel(DecodeLaunch a) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  PROPER_DYNAMIC_SMEM(smem);
   float* sum = reinterpret_cast<float*>(smem);  // [E + r_u]: logits, then h_u
   float* p = sum + a.E + a.r_u;                 // [E]
   float* q = p + a.E;                           // [E]
@@ -168,7 +168,7 @@ __global__ void __launch_bounds__(kThreads, 2) decode_shrink_kernel(DecodeLaunch
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2) decode_expand_kernel(DecodeLaunch a) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  PROPER_DYNAMIC_SMEM(smem);
   float* h = reinterpret_cast<float*>(smem);  // [k r]
   float* hu = h + a.k * a.r;                   // [r_u]
   float* g = hu + a.r_u;                       // [k]

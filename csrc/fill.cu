@@ -1,8 +1,10 @@
 // proper::fill_ kernel: the smallest real CUDA op, here to prove that the
 // toolchain (nvcc, the torch headers, linking against libtorch) works.
 #include <ATen/core/Tensor.h>
+#ifndef PROPER_EMU
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#endif
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -30,11 +32,18 @@ template <typename scalar_t>
 void launch(at::Tensor& out, double value) {
   const int64_t numel = out.numel();
   // Enough blocks to fill the GPU a few times over; the grid-stride loop does the rest.
+#ifdef PROPER_EMU
+  const int64_t max_blocks = 32LL * 132;  // the emulated GPU: an H100 SXM's SMs
+  const int blocks = static_cast<int>(std::min((numel + kThreads - 1) / kThreads, max_blocks));
+  simt::launch(fill_kernel<scalar_t>, dim3(blocks), dim3(kThreads), 0, out.data_ptr<scalar_t>(), numel,
+               static_cast<scalar_t>(static_cast<float>(value)));
+#else
   const int64_t max_blocks = 32LL * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int blocks = static_cast<int>(std::min((numel + kThreads - 1) / kThreads, max_blocks));
   fill_kernel<scalar_t><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       out.data_ptr<scalar_t>(), numel, static_cast<scalar_t>(static_cast<float>(value)));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
 }
 
 }  // namespace

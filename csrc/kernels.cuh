@@ -10,6 +10,12 @@
 #include <cmath>
 #include <cstdint>
 
+// A kernel's dynamic shared memory, 16-byte aligned (csrc/emu/simt.h defines it for the
+// CPU emulator).
+#ifndef PROPER_EMU
+#define PROPER_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
 namespace proper {
 namespace dev {
 
@@ -128,7 +134,7 @@ template <typename T, int VPT>
 __global__ void router_topk_fwd_kernel(const T* __restrict__ logits, T* __restrict__ gates,
                                        int64_t* __restrict__ indices, int64_t n_tokens, int E, int k,
                                        float inv_temperature) {
-  extern __shared__ unsigned char smem_raw[];
+  PROPER_DYNAMIC_SMEM(smem_raw);
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   int* sel = reinterpret_cast<int*>(smem_raw) + warp * k;
   float* val = reinterpret_cast<float*>(smem_raw + sizeof(int) * kTopkWarps * k) + warp * k;
@@ -148,7 +154,7 @@ template <typename T, int VPT>
 __global__ void router_topk_bwd_kernel(const T* __restrict__ logits, const int64_t* __restrict__ indices,
                                        const T* __restrict__ dgates, T* __restrict__ dlogits, int64_t n_tokens,
                                        int E, int k, float inv_temperature) {
-  extern __shared__ unsigned char smem_raw[];
+  PROPER_DYNAMIC_SMEM(smem_raw);
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   float* sp = reinterpret_cast<float*>(smem_raw) + warp * 2 * E;  // probabilities
   float* sdp = sp + E;                                             // d probabilities
@@ -247,7 +253,7 @@ __global__ void bgmv_expand_kernel(const float* __restrict__ h, const T* __restr
                                    const int64_t* __restrict__ idx, const float* __restrict__ scale,
                                    const O* __restrict__ base, O* __restrict__ out, int S, int M, int N,
                                    int64_t rows) {
-  extern __shared__ unsigned char smem_raw[];
+  PROPER_DYNAMIC_SMEM(smem_raw);
   float* sh = reinterpret_cast<float*>(smem_raw);  // [S * M]
   float* sscale = sh + S * M;                       // [S]
   int64_t* srow = reinterpret_cast<int64_t*>(sh + ((S * M + S + 1) & ~1));  // [S], 8-byte aligned

@@ -2,10 +2,13 @@
 // <dtype>_*.cu file instantiates them for one tag.
 #pragma once
 
+#ifndef PROPER_EMU
 #include <c10/cuda/CUDAException.h>
+#endif
 #include <c10/util/Exception.h>
 
 #include <atomic>
+#include <utility>
 
 #include "decode.cuh"
 #include "kernels.cuh"
@@ -13,6 +16,19 @@
 #include "ops.h"
 
 namespace proper {
+
+// kernel<<<grid, block, smem, stream>>>(args...); under PROPER_EMU, the same launch on the
+// CPU SIMT emulator (csrc/emu/simt.h), which checks it and runs every block.
+template <typename... P, typename... A>
+inline void launch_kernel(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                          A&&... args) {
+#ifdef PROPER_EMU
+  (void)stream;
+  simt::launch(kernel, grid, block, smem, std::forward<A>(args)...);
+#else
+  kernel<<<grid, block, smem, stream>>>(std::forward<A>(args)...);
+#endif
+}
 
 template <typename Tag>
 struct Storage;
@@ -54,7 +70,7 @@ void launch_router_topk_fwd(const void* logits, void* gates, int64_t* indices, i
   const dim3 grid(static_cast<unsigned>((n_tokens + dev::kTopkWarps - 1) / dev::kTopkWarps));
   const size_t smem = static_cast<size_t>(dev::kTopkWarps) * k * (sizeof(int) + sizeof(float));
   PROPER_DISPATCH_VPT(E, VPT,
-      dev::router_topk_fwd_kernel<T, VPT><<<grid, dev::kTopkWarps * dev::kWarp, smem, stream>>>(
+      launch_kernel(dev::router_topk_fwd_kernel<T, VPT>, grid, dev::kTopkWarps * dev::kWarp, smem, stream,
           static_cast<const T*>(logits), static_cast<T*>(gates), indices, n_tokens, E, k, inv_temperature));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -67,7 +83,7 @@ void launch_router_topk_bwd(const void* logits, const int64_t* indices, const vo
   const dim3 grid(static_cast<unsigned>((n_tokens + dev::kTopkWarps - 1) / dev::kTopkWarps));
   const size_t smem = static_cast<size_t>(dev::kTopkWarps) * 2 * E * sizeof(float);
   PROPER_DISPATCH_VPT(E, VPT,
-      dev::router_topk_bwd_kernel<T, VPT><<<grid, dev::kTopkWarps * dev::kWarp, smem, stream>>>(
+      launch_kernel(dev::router_topk_bwd_kernel<T, VPT>, grid, dev::kTopkWarps * dev::kWarp, smem, stream,
           static_cast<const T*>(logits), indices, static_cast<const T*>(dgates), static_cast<T*>(dlogits), n_tokens,
           E, k, inv_temperature));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -83,10 +99,10 @@ void launch_bgmv_shrink(const void* x, const void* W, const int64_t* idx, float*
   while (m_pad < M) m_pad *= 2;
   const dim3 grid(static_cast<unsigned>(blocks));
   if (transpose) {
-    dev::bgmv_shrink_kernel<T, true><<<grid, dev::kShrinkThreads, 0, stream>>>(
+    launch_kernel(dev::bgmv_shrink_kernel<T, true>, grid, dev::kShrinkThreads, 0, stream,
         static_cast<const T*>(x), static_cast<const T*>(W), idx, out, S, K, M, m_pad, rows);
   } else {
-    dev::bgmv_shrink_kernel<T, false><<<grid, dev::kShrinkThreads, 0, stream>>>(
+    launch_kernel(dev::bgmv_shrink_kernel<T, false>, grid, dev::kShrinkThreads, 0, stream,
         static_cast<const T*>(x), static_cast<const T*>(W), idx, out, S, K, M, m_pad, rows);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -102,7 +118,7 @@ void launch_bgmv_expand(const float* h, const void* W, const int64_t* idx, const
   const size_t smem = sizeof(float) * ((static_cast<size_t>(S) * M + S + 1) & ~static_cast<size_t>(1)) + sizeof(int64_t) * S;
   const auto* Wt = static_cast<const T*>(W);
 #define PROPER_EXPAND(O, TR)                                                                                  \
-  dev::bgmv_expand_kernel<T, O, TR><<<grid, dev::kExpandThreads, smem, stream>>>(                             \
+  launch_kernel(dev::bgmv_expand_kernel<T, O, TR>, grid, dev::kExpandThreads, smem, stream,                \
       h, Wt, idx, scale, static_cast<const O*>(base), static_cast<O*>(out), S, M, N, rows)
   if (out_float) {
     if (transpose) PROPER_EXPAND(float, true); else PROPER_EXPAND(float, false);
@@ -119,6 +135,10 @@ void launch_bgmv_expand(const float* h, const void* W, const int64_t* idx, const
 template <auto Kernel>
 void allow_smem(size_t bytes, const char* what) {
   if (bytes <= 48 * 1024) return;
+#ifdef PROPER_EMU
+  TORCH_CHECK(bytes <= simt::kMaxDynamicSmem, "proper::", what, ": this shape needs ", bytes,
+              " bytes of shared memory per block, more than the ", simt::kMaxDynamicSmem, " an sm_80 GPU allows");
+#else
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   int max_optin = 0;
@@ -129,6 +149,7 @@ void allow_smem(size_t bytes, const char* what) {
   if (device < 64 && done[device].load()) return;
   C10_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_optin));
   if (device < 64) done[device].store(true);
+#endif
 }
 
 template <typename Tag>
@@ -136,17 +157,17 @@ void launch_proper_decode(const DecodeLaunch& a, cudaStream_t stream) {
   using T = typename Storage<Tag>::type;
   if (a.n_tokens == 0) return;
   const dim3 split_grid(static_cast<unsigned>(a.n_tokens), static_cast<unsigned>(a.splits));
-  dec::decode_router_kernel<T><<<split_grid, dec::kThreads, 0, stream>>>(a);
+  launch_kernel(dec::decode_router_kernel<T>, split_grid, dec::kThreads, 0, stream, a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const size_t smem_shrink = sizeof(float) * (3 * static_cast<size_t>(a.E) + a.r_u + 2 * a.k);
   allow_smem<dec::decode_shrink_kernel<T>>(smem_shrink, "proper_decode");
-  dec::decode_shrink_kernel<T><<<split_grid, dec::kThreads, smem_shrink, stream>>>(a);
+  launch_kernel(dec::decode_shrink_kernel<T>, split_grid, dec::kThreads, smem_shrink, stream, a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (a.out == 0) return;
   const size_t smem_expand = sizeof(float) * (static_cast<size_t>(a.k) * a.r + a.r_u + 2 * a.k);
   allow_smem<dec::decode_expand_kernel<T>>(smem_expand, "proper_decode");
   const dim3 out_grid(static_cast<unsigned>(a.n_tokens), static_cast<unsigned>((a.out + dec::kThreads - 1) / dec::kThreads));
-  dec::decode_expand_kernel<T><<<out_grid, dec::kThreads, smem_expand, stream>>>(a);
+  launch_kernel(dec::decode_expand_kernel<T>, out_grid, dec::kThreads, smem_expand, stream, a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -160,7 +181,7 @@ void launch_prefill_shrink(const ShrinkLaunch& a, cudaStream_t stream) {
   const int n_cols = c_user + (a.UA ? pf::round8(a.r_u) : 0);
   const size_t smem = pf::epi_layout<T>(2, n_cols, a.E, a.k).total;
   allow_smem<pf::prefill_shrink_kernel<T>>(smem, "prefill_shrink");
-  pf::prefill_shrink_kernel<T><<<tiles_of(a.T, tc::kTileM), tc::kThreads, smem, stream>>>(a);
+  launch_kernel(pf::prefill_shrink_kernel<T>, tiles_of(a.T, tc::kTileM), tc::kThreads, smem, stream, a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -171,7 +192,7 @@ void launch_prefill_expand(const ExpandLaunch& a, cudaStream_t stream) {
   const size_t smem = pf::out_tile_smem<T>();
   allow_smem<pf::prefill_expand_kernel<T>>(smem, "prefill_expand");
   const dim3 grid(tiles_of(a.T, tc::kTileM), tiles_of(a.out, pf::kOutTile));
-  pf::prefill_expand_kernel<T><<<grid, tc::kThreads, smem, stream>>>(a);
+  launch_kernel(pf::prefill_expand_kernel<T>, grid, tc::kThreads, smem, stream, a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -182,7 +203,7 @@ void launch_prefill_bwd_dh(const BwdDhLaunch& a, cudaStream_t stream) {
   const int n_cols = pf::round8(a.E * a.r) + (a.UB ? pf::round8(a.r_u) : 0);
   const size_t smem = pf::epi_layout<T>(1, n_cols, a.E, a.k).total;
   allow_smem<pf::prefill_bwd_dh_kernel<T>>(smem, "prefill_bwd_dh");
-  pf::prefill_bwd_dh_kernel<T><<<tiles_of(a.T, tc::kTileM), tc::kThreads, smem, stream>>>(a);
+  launch_kernel(pf::prefill_bwd_dh_kernel<T>, tiles_of(a.T, tc::kTileM), tc::kThreads, smem, stream, a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -193,7 +214,7 @@ void launch_prefill_bwd_dx(const BwdDxLaunch& a, cudaStream_t stream) {
   const size_t smem = pf::out_tile_smem<T>();
   allow_smem<pf::prefill_bwd_dx_kernel<T>>(smem, "prefill_bwd_dx");
   const dim3 grid(tiles_of(a.T, tc::kTileM), tiles_of(a.in, pf::kOutTile));
-  pf::prefill_bwd_dx_kernel<T><<<grid, tc::kThreads, smem, stream>>>(a);
+  launch_kernel(pf::prefill_bwd_dx_kernel<T>, grid, tc::kThreads, smem, stream, a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

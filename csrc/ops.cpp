@@ -8,8 +8,10 @@
 #include <Python.h>
 
 #include <ATen/ATen.h>
+#ifndef PROPER_EMU
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#endif
 #include <cuda_runtime_api.h>  // CUDART_VERSION
 #include <torch/library.h>
 #include <torch/version.h>  // TORCH_VERSION
@@ -21,6 +23,18 @@
 #include <tuple>
 
 #include "ops.h"
+
+// PROPER_EMU builds these ops for the CPU SIMT emulator (csrc/emu/): the same checks and
+// launchers, registered as torch.ops.proper_emu for CPU tensors.
+#ifdef PROPER_EMU
+#define PROPER_NS proper_emu
+#define PROPER_DEVICE_GUARD(t) ((void)(t))
+#else
+#define PROPER_NS proper
+#define PROPER_DEVICE_GUARD(t) const c10::cuda::CUDAGuard guard((t).device())
+#endif
+#define PROPER_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define PROPER_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
 
 namespace proper {
 namespace {
@@ -77,10 +91,17 @@ void check_index_range(const char* op, const char* name, const Tensor& ids, int6
   }
 }
 
+#ifdef PROPER_EMU
+void check_cuda(const char* op, const char* name, const Tensor& t) {
+  TORCH_CHECK(t.is_cpu(), "proper_emu::", op, ": argument '", name, "' must be a CPU tensor (the emulator's memory), got ",
+              t.device());
+}
+#else
 void check_cuda(const char* op, const char* name, const Tensor& t) {
   TORCH_CHECK(t.is_cuda(), "proper::", op, ": argument '", name, "' must be a CUDA tensor, got ", t.device(),
               " (the proper CUDA ops have no CPU implementation)");
 }
+#endif
 
 template <typename F>
 void dispatch_tag(const Tensor& t, F&& f) {
@@ -92,7 +113,14 @@ void dispatch_tag(const Tensor& t, F&& f) {
   }
 }
 
+#ifdef PROPER_EMU
+cudaStream_t stream_of(const Tensor&) { return nullptr; }
+// The emulated GPU's SMs: an H100 SXM's.
+int64_t sm_count() { return 132; }
+#else
 cudaStream_t stream_of(const Tensor& t) { return at::cuda::getCurrentCUDAStream(t.device().index()); }
+int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+#endif
 
 // -- fill_ (the toolchain check) --------------------------------------------------------------
 
@@ -105,7 +133,7 @@ void check_fill_layout(const Tensor& out) {
 Tensor& fill_cuda(Tensor& out, double value) {
   check_cuda("fill_", "out", out);
   check_fill_layout(out);
-  const c10::cuda::CUDAGuard guard(out.device());
+  PROPER_DEVICE_GUARD(out);
   launch_fill_(out, value);
   return out;
 }
@@ -142,7 +170,7 @@ std::tuple<Tensor, Tensor> router_topk_meta(const Tensor& logits, int64_t top_k,
 std::tuple<Tensor, Tensor> router_topk_cuda(const Tensor& logits, int64_t top_k, double temperature) {
   check_cuda("router_topk", "logits", logits);
   auto [gates, indices] = router_topk_meta(logits, top_k, temperature);
-  const c10::cuda::CUDAGuard guard(logits.device());
+  PROPER_DEVICE_GUARD(logits);
   dispatch_tag(logits, [&](auto tag) {
     launch_router_topk_fwd<decltype(tag)>(logits.data_ptr(), gates.data_ptr(), indices.data_ptr<int64_t>(),
                                           logits.size(0), logits.size(1), top_k, 1.f / temperature,
@@ -169,7 +197,7 @@ Tensor router_topk_backward_cuda(const Tensor& logits, const Tensor& indices, co
                                  double temperature) {
   check_cuda("router_topk_backward", "logits", logits);
   Tensor dlogits = router_topk_backward_meta(logits, indices, dgates, temperature);
-  const c10::cuda::CUDAGuard guard(logits.device());
+  PROPER_DEVICE_GUARD(logits);
   dispatch_tag(logits, [&](auto tag) {
     launch_router_topk_bwd<decltype(tag)>(logits.data_ptr(), indices.data_ptr<int64_t>(), dgates.data_ptr(),
                                           dlogits.data_ptr(), logits.size(0), logits.size(1), indices.size(1),
@@ -210,7 +238,7 @@ Tensor bgmv_shrink_cuda(const Tensor& x, const Tensor& weight, const Tensor& ind
   check_cuda("bgmv_shrink", "x", x);
   const int64_t M = check_shrink(x, weight, indices, transpose, check_indices);
   Tensor out = at::empty({x.size(0), indices.size(1), M}, x.options().dtype(at::kFloat));
-  const c10::cuda::CUDAGuard guard(x.device());
+  PROPER_DEVICE_GUARD(x);
   dispatch_tag(x, [&](auto tag) {
     launch_bgmv_shrink<decltype(tag)>(x.data_ptr(), weight.data_ptr(), indices.data_ptr<int64_t>(),
                                       out.data_ptr<float>(), x.size(0), indices.size(1), x.size(1), M,
@@ -268,7 +296,7 @@ Tensor bgmv_expand_cuda(const Tensor& h, const Tensor& weight, const Tensor& ind
   const int64_t N = check_expand(h, weight, indices, scale, base, transpose, check_indices);
   const auto out_dtype = base.has_value() ? base->scalar_type() : at::kFloat;
   Tensor out = at::empty({h.size(0), N}, h.options().dtype(out_dtype));
-  const c10::cuda::CUDAGuard guard(h.device());
+  PROPER_DEVICE_GUARD(h);
   dispatch_tag(weight, [&](auto tag) {
     launch_bgmv_expand<decltype(tag)>(h.data_ptr<float>(), weight.data_ptr(), indices.data_ptr<int64_t>(),
                                       scale.has_value() ? scale->data_ptr<float>() : nullptr,
@@ -409,9 +437,9 @@ DecodeOut proper_decode_cuda(const Tensor& x, const Tensor& base, const Tensor& 
   a.scaling = static_cast<float>(scaling);
   a.user_scaling = static_cast<float>(user_scaling);
   a.inv_temperature = static_cast<float>(1.0 / temperature);
-  const c10::cuda::CUDAGuard guard(x.device());
+  PROPER_DEVICE_GUARD(x);
   // Splits of the features: about two CTAs per SM over the tokens, at least 256 features each.
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t sms = sm_count();
   const int64_t T = std::max<int64_t>(a.n_tokens, 1);
   a.splits = static_cast<int>(std::clamp<int64_t>((2 * sms + T - 1) / T, 1, std::max<int64_t>(1, a.in / 256)));
   const int64_t vec_elems = 16 / static_cast<int64_t>(x.element_size());
@@ -533,7 +561,7 @@ ShrinkOut prefill_shrink_cuda(const Tensor& x, const Tensor& x_lora, const Tenso
   a.r_rows = router_user.has_value() ? static_cast<int>(router_user->size(0)) : 0;
   a.num_users = user_A.has_value() ? static_cast<int>(user_A->size(0)) : std::max(a.r_rows - 1, 0);
   a.inv_temperature = static_cast<float>(1.0 / temperature);
-  const c10::cuda::CUDAGuard guard(x.device());
+  PROPER_DEVICE_GUARD(x);
   dispatch_tag(x, [&](auto tag) { launch_prefill_shrink<decltype(tag)>(a, stream_of(x)); });
   return outs;
 }
@@ -598,7 +626,7 @@ Tensor prefill_expand_cuda(const Tensor& hg, const Tensor& hu, const Tensor& pla
   check_cuda("prefill_expand", "hg", hg);
   Tensor y = prefill_expand_meta(hg, hu, plan, lora_B, user_B, base, scaling, user_scaling);
   const ExpandLaunch a = expand_launch(base, y.data_ptr(), hg, hu, plan, lora_B, user_B, scaling, user_scaling);
-  const c10::cuda::CUDAGuard guard(hg.device());
+  PROPER_DEVICE_GUARD(hg);
   dispatch_tag(hg, [&](auto tag) { launch_prefill_expand<decltype(tag)>(a, stream_of(hg)); });
   return y;
 }
@@ -613,7 +641,7 @@ void prefill_expand__cuda(Tensor& base, const Tensor& hg, const Tensor& hu, cons
   check_cuda("prefill_expand_", "hg", hg);
   check_expand_pf("prefill_expand_", base, hg, hu, plan, lora_B, user_B);
   const ExpandLaunch a = expand_launch(base, base.data_ptr(), hg, hu, plan, lora_B, user_B, scaling, user_scaling);
-  const c10::cuda::CUDAGuard guard(hg.device());
+  PROPER_DEVICE_GUARD(hg);
   dispatch_tag(hg, [&](auto tag) { launch_prefill_expand<decltype(tag)>(a, stream_of(hg)); });
 }
 
@@ -701,7 +729,7 @@ DhOut prefill_bwd_dh_cuda(const Tensor& dy, const Tensor& plan, const Tensor& lo
   a.scaling = static_cast<float>(scaling);
   a.user_scaling = static_cast<float>(user_scaling);
   a.inv_temperature = static_cast<float>(1.0 / temperature);
-  const c10::cuda::CUDAGuard guard(dy.device());
+  PROPER_DEVICE_GUARD(dy);
   dispatch_tag(dy, [&](auto tag) { launch_prefill_bwd_dh<decltype(tag)>(a, stream_of(dy)); });
   return outs;
 }
@@ -761,7 +789,7 @@ std::tuple<Tensor, Tensor> prefill_bwd_dx_cuda(const Tensor& dh, const Tensor& d
   a.r = static_cast<int>(lora_A.size(1));
   a.r_u = user_A.has_value() ? static_cast<int>(user_A->size(1)) : 0;
   a.num_users = user_A.has_value() ? static_cast<int>(user_A->size(0)) : 0;
-  const c10::cuda::CUDAGuard guard(dh.device());
+  PROPER_DEVICE_GUARD(dh);
   dispatch_tag(dh, [&](auto tag) { launch_prefill_bwd_dx<decltype(tag)>(a, stream_of(dh)); });
   return outs;
 }
@@ -820,7 +848,7 @@ std::tuple<Tensor, Tensor> prefill_bwd_dx_cpu(const Tensor& dh, const Tensor&, c
 }  // namespace
 }  // namespace proper
 
-TORCH_LIBRARY(proper, m) {
+PROPER_LIBRARY(PROPER_NS, m) {
   m.def("cuda_build_info() -> str", &proper::cuda_build_info);
   m.def("fill_(Tensor(a!) out, float value) -> Tensor(a!)");
   m.def("router_topk(Tensor logits, int top_k, float temperature) -> (Tensor gates, Tensor indices)");
@@ -853,7 +881,11 @@ TORCH_LIBRARY(proper, m) {
       "Tensor? user_A, bool split_router) -> (Tensor dx_lora, Tensor dx_router)");
 }
 
-TORCH_LIBRARY_IMPL(proper, CUDA, m) {
+#ifdef PROPER_EMU
+PROPER_LIBRARY_IMPL(PROPER_NS, CPU, m) {
+#else
+PROPER_LIBRARY_IMPL(PROPER_NS, CUDA, m) {
+#endif
   m.impl("fill_", &proper::fill_cuda);
   m.impl("router_topk", &proper::router_topk_cuda);
   m.impl("router_topk_backward", &proper::router_topk_backward_cuda);
@@ -866,7 +898,8 @@ TORCH_LIBRARY_IMPL(proper, CUDA, m) {
   m.impl("prefill_bwd_dh", &proper::prefill_bwd_dh_cuda);
   m.impl("prefill_bwd_dx", &proper::prefill_bwd_dx_cuda);
 }
-TORCH_LIBRARY_IMPL(proper, CPU, m) {
+#ifndef PROPER_EMU
+PROPER_LIBRARY_IMPL(PROPER_NS, CPU, m) {
   m.impl("fill_", &proper::fill_cpu);
   m.impl("router_topk", &proper::router_topk_cpu);
   m.impl("router_topk_backward", &proper::router_topk_backward_cpu);
@@ -879,7 +912,8 @@ TORCH_LIBRARY_IMPL(proper, CPU, m) {
   m.impl("prefill_bwd_dh", &proper::prefill_bwd_dh_cpu);
   m.impl("prefill_bwd_dx", &proper::prefill_bwd_dx_cpu);
 }
-TORCH_LIBRARY_IMPL(proper, Meta, m) {
+#endif
+PROPER_LIBRARY_IMPL(PROPER_NS, Meta, m) {
   m.impl("fill_", &proper::fill_meta);
   m.impl("router_topk", &proper::router_topk_meta);
   m.impl("router_topk_backward", &proper::router_topk_backward_meta);
@@ -893,6 +927,7 @@ TORCH_LIBRARY_IMPL(proper, Meta, m) {
   m.impl("prefill_bwd_dx", &proper::prefill_bwd_dx_meta);
 }
 
+#ifndef PROPER_EMU
 // An empty Python module, so that `import proper_kernels._C` loads this library
 // (and with it the registrations above). No pybind11 needed.
 PyMODINIT_FUNC PyInit__C(void) {
@@ -905,3 +940,4 @@ PyMODINIT_FUNC PyInit__C(void) {
   };
   return PyModule_Create(&module_def);
 }
+#endif

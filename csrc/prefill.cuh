@@ -231,7 +231,7 @@ struct WarpScratch {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) prefill_shrink_kernel(ShrinkArgs a) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  PROPER_DYNAMIC_SMEM(smem);
   T* As = reinterpret_cast<T*>(smem);
   T* Ax = As + kTileM * kLd;
   T* Bs = Ax + kTileM * kLd;
@@ -406,7 +406,7 @@ __device__ __forceinline__ void zero(float (&acc)[kOutTiles][4]) {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) prefill_expand_kernel(ExpandArgs a) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  PROPER_DYNAMIC_SMEM(smem);
   const OutTile<T> o(smem, a.plan, a.T);
   T* As = o.As;
   T* Bs = o.Bs;
@@ -468,7 +468,7 @@ using BwdDhArgs = ::proper::BwdDhLaunch;
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) prefill_bwd_dh_kernel(BwdDhArgs a) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  PROPER_DYNAMIC_SMEM(smem);
   T* As = reinterpret_cast<T*>(smem);
   T* Bs = As + kTileM * kLd;
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
@@ -603,7 +603,7 @@ using BwdDxArgs = ::proper::BwdDxLaunch;
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) prefill_bwd_dx_kernel(BwdDxArgs a) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  PROPER_DYNAMIC_SMEM(smem);
   const OutTile<T> o(smem, a.plan, a.T);
   T* As = o.As;
   T* Bs = o.Bs;

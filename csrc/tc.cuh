@@ -42,6 +42,19 @@ __device__ __forceinline__ uint32_t ld32(const void* p) { return *static_cast<co
 template <typename T>
 __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
 
+#ifdef PROPER_EMU
+// The CPU emulator's mma.sync (csrc/emu/simt.h), from the PTX ISA's fragment layout.
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  simt::mma_m16n8k16(c, a, b, false);
+}
+
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
+                                                        const uint32_t (&b)[2]) {
+  simt::mma_m16n8k16(c, a, b, true);
+}
+#else
 template <>
 __device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   asm(
@@ -60,6 +73,7 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uin
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+#endif
 
 // The A fragment of one warp's 16 rows at k offset kk of a shared tile; rows g (lo) and
 // g + 8 (hi) can be masked to zero (the user LoRA's per-run products).

@@ -85,7 +85,19 @@ def test_fill_cuda_rejects_bad_arguments(ext):
 
 
 def _has_build_tools():
-    return all(importlib.util.find_spec(m) is not None for m in ("pip", "setuptools", "wheel"))
+    # Installed distributions, not find_spec: looking up "pip" makes setuptools' distutils
+    # hook stand down for the rest of the process, and a later `import setuptools` (the
+    # emulator's build, tests/_helpers/emulator.py) then fails.
+    import importlib.metadata
+
+    def installed(name):
+        try:
+            importlib.metadata.distribution(name)
+            return True
+        except importlib.metadata.PackageNotFoundError:
+            return False
+
+    return all(installed(m) for m in ("pip", "setuptools", "wheel"))
 
 
 @pytest.mark.skipif(not _has_build_tools(), reason="needs pip, setuptools and wheel")

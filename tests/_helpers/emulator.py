@@ -1,0 +1,73 @@
+"""The CUDA backend's kernels on the CPU: csrc/ compiled with -DPROPER_EMU against the SIMT
+emulator (csrc/emu/simt.h) into a library that registers torch.ops.proper_emu, the same
+ops as torch.ops.proper for CPU tensors (docs/DESIGN.md#emulator).
+
+It needs a host C++ compiler, ninja and the CUDA headers (cuda_fp16.h, cuda_bf16.h,
+cuda_runtime.h from $CUDA_HOME/include, /usr/local/cuda/include or the nvidia-cuda-runtime
+wheel). `load()` builds it once per process (ninja keeps the objects under build/emu, and
+rebuilds what a changed source or header touches) and returns the ops, or raises
+EmulatorUnavailable with the reason.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pathlib
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CSRC = ROOT / "csrc"
+NAME = "proper_emu"
+# UndefinedBehaviorSanitizer, fatal: a misaligned access (a 16-byte vector load from an
+# address a GPU would fault on) and an index past a fixed-size array (a kernel's per-thread
+# registers) stop the process with the source line.
+SANITIZE = ["-fsanitize=alignment,bounds", "-fno-sanitize-recover=all"]
+
+_ops = None
+
+
+class EmulatorUnavailable(RuntimeError):
+    pass
+
+
+def cuda_include() -> str:
+    """A directory that holds cuda_fp16.h, cuda_bf16.h and cuda_runtime.h."""
+    candidates = [os.path.join(os.environ[v], "include") for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    candidates.append("/usr/local/cuda/include")
+    import site
+
+    for sp in site.getsitepackages():
+        candidates += glob.glob(os.path.join(glob.escape(sp), "nvidia", "cu*", "include"))
+        candidates += glob.glob(os.path.join(glob.escape(sp), "nvidia", "cuda_runtime", "include"))
+    for c in candidates:
+        if all(os.path.exists(os.path.join(c, h)) for h in ("cuda_fp16.h", "cuda_bf16.h", "cuda_runtime.h")):
+            return c
+    raise EmulatorUnavailable("no CUDA headers (cuda_fp16.h, cuda_bf16.h, cuda_runtime.h) in " + ", ".join(candidates))
+
+
+def load():
+    """torch.ops.proper_emu, built if needed."""
+    global _ops
+    if _ops is not None:
+        return _ops
+    from torch.utils import cpp_extension
+
+    include = cuda_include()
+    build = ROOT / "build" / "emu"
+    build.mkdir(parents=True, exist_ok=True)
+    try:
+        cpp_extension.load(
+            name=NAME,
+            sources=[str(CSRC / "ops.cpp")] + [str(CSRC / "emu" / f) for f in ("kernels.cpp", "fill.cpp", "selftest.cpp")],
+            extra_cflags=["-DPROPER_EMU", "-O2", "-fno-strict-aliasing", *SANITIZE, f"-I{include}", f"-I{CSRC}"],
+            extra_ldflags=SANITIZE,
+            build_directory=str(build),
+            is_python_module=False,
+            verbose=False,
+        )
+    except (RuntimeError, OSError) as e:
+        raise EmulatorUnavailable(f"the emulated CUDA ops failed to build: {e}") from e
+    _ops = getattr(torch.ops, NAME)
+    return _ops

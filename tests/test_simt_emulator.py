@@ -1,0 +1,132 @@
+"""The SIMT emulator (csrc/emu/simt.h) catches the bugs it claims to catch, and the CUDA
+kernels give the same bits whichever order the emulator runs their threads in.
+
+The kernels with the bugs are in csrc/emu/selftest.cpp. The values of the CUDA kernels
+against the float64 reference are tested in tests/test_cuda_backend.py (target `emu`).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from _helpers import emulator
+from _helpers.cases import make_case
+from _helpers.kernels import cast
+from proper_kernels import cuda_backend
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+LANES = 64  # threads of the self-test kernels
+
+
+@pytest.fixture(scope="module")
+def ops():
+    try:
+        return emulator.load()
+    except emulator.EmulatorUnavailable as e:
+        if os.environ.get("PROPER_EXPECT_CUDA_EXT") == "1":
+            raise
+        pytest.skip(str(e))
+
+
+def both_schedules(ops, fn):
+    """fn() with the threads of each round run first to last, then last to first."""
+    try:
+        ops.emu_set_schedule(0)
+        forward = fn()
+        ops.emu_set_schedule(1)
+        reverse = fn()
+    finally:
+        ops.emu_set_schedule(0)
+    return forward, reverse
+
+
+def test_a_missing_barrier_shows_as_schedule_dependence(ops):
+    fwd, rev = both_schedules(ops, lambda: ops.emu_selftest("race"))
+    assert not torch.equal(fwd, rev)
+    assert torch.isnan(fwd[:-1]).all()  # first to last: each thread reads a slot not yet written
+    fwd, rev = both_schedules(ops, lambda: ops.emu_selftest("barrier"))
+    assert torch.equal(fwd, rev)
+    assert torch.equal(fwd, torch.arange(LANES, dtype=torch.float32).roll(-1))
+
+
+@pytest.mark.parametrize("name,pattern", [
+    ("exited_lanes", r"16 lanes at __shfl_xor_sync while 16 lanes have exited"),
+    ("divergent", r"met at different collectives"),
+    ("barrier_divergence", r"deadlock: threads wait at different barriers"),
+    ("exited_at_barrier", r"__syncthreads reached by 32 threads while 32 have exited"),
+    ("too_much_smem", r"bytes of dynamic shared memory, more than sm_80's"),
+    ("too_many_threads", r"a block of 1056 threads"),
+])
+def test_broken_kernels_are_errors(ops, name, pattern):
+    with pytest.raises(RuntimeError, match=pattern):
+        ops.emu_selftest(name)
+    assert torch.equal(ops.emu_selftest("barrier"), torch.arange(LANES, dtype=torch.float32).roll(-1))
+
+
+def test_unwritten_shared_memory_reads_as_nan(ops):
+    assert torch.isnan(ops.emu_selftest("smem_unwritten")).all()
+
+
+@pytest.mark.parametrize("name,code,message", [
+    ("smem_overrun", 86,
+     "SIMT emulator: shared memory accessed 12 bytes past the launch's 256, block (0,0,0) thread (63,0,0)"),
+    ("misaligned", None, "misaligned address"),
+    ("register_index", None, "index 4 out of bounds for type 'float [4]'"),
+])
+def test_faults_a_gpu_would_take_end_the_process(ops, name, code, message):
+    """What faults on a GPU (or reads a wrong register) stops the emulated process, with a
+    line that says what happened: the guard page after the shared memory, and
+    UndefinedBehaviorSanitizer's alignment and bounds checks."""
+    prog = ("import sys; sys.path.insert(0, %r)\n"
+            "from _helpers import emulator\n"
+            "emulator.load().emu_selftest(%r)\n" % (TESTS, name))
+    p = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0 and (code is None or p.returncode == code), (p.returncode, p.stderr[-2000:])
+    assert message in p.stderr, p.stderr[-2000:]
+
+
+def test_an_unknown_self_test_is_named(ops):
+    with pytest.raises(RuntimeError, match="unknown kernel 'nope'"):
+        ops.emu_selftest("nope")
+
+
+def _run_case(case, dtype, train):
+    low = cast(case, dtype, "cpu")
+    if train:
+        for name in ("x", "lora_A", "lora_B", "router_x", "router_user", "router_h", "user_A", "user_B"):
+            if low.get(name) is not None:
+                low[name] = low[name].detach().requires_grad_(True)
+    y, routing = cuda_backend.proper_linear(**low)
+    outs = [y.detach(), routing.logits.detach(), routing.gates.detach(), routing.indices]
+    if train:
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(y.dtype)
+        grads = torch.autograd.grad((y * g).sum() + routing.gates.float().sum(),
+                                    [v for v in low.values() if isinstance(v, torch.Tensor) and v.requires_grad])
+        outs += list(grads)
+    return outs
+
+
+@pytest.mark.parametrize("path", ["prefill_fp16", "prefill_bf16", "prefill_fp32", "decode", "bgmv"])
+def test_the_cuda_kernels_do_not_depend_on_the_schedule(ops, path, monkeypatch):
+    """A race between the threads of a block (a missing barrier, a shared-memory slot read
+    before it is written) changes the bits between the two schedules."""
+    monkeypatch.setattr(cuda_backend, "_ops", ops)
+    if path == "decode":
+        case, dtype, train = make_case(21, 7, 70, 37, 4, 2, 16, 8, 6, ("token", "user", "lora")), torch.float32, False
+    else:
+        case = make_case(22, 129, 70, 37, 4, 2, 16, 8, 6, ("token", "user", "lora"), cold=False)
+        dtype = {"prefill_fp16": torch.float16, "prefill_bf16": torch.bfloat16}.get(path, torch.float32)
+        train = True
+        if path == "bgmv":
+            monkeypatch.setattr(cuda_backend, "PREFILL_MAX_COLUMNS", 0)
+    before = ops.emu_launches()
+    fwd, rev = both_schedules(ops, lambda: _run_case(case, dtype, train))
+    assert ops.emu_launches() > before
+    assert len(fwd) == len(rev) > 3
+    for a, b in zip(fwd, rev):
+        assert torch.equal(a, b) or torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(
+            a.nan_to_num(), b.nan_to_num())
+        assert not (a.is_floating_point() and torch.isnan(a).any())
