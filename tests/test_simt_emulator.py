@@ -88,6 +88,31 @@ def test_faults_a_gpu_would_take_end_the_process(ops, name, code, message):
     assert message in p.stderr, p.stderr[-2000:]
 
 
+def test_a_global_memory_overrun_is_caught_by_address_sanitizer(ops):
+    env = emulator.asan_env()
+    prog = ("import sys; sys.path.insert(0, %r)\n"
+            "from _helpers import emulator\n"
+            "emulator.load().emu_selftest('global_overrun')\n" % TESTS)
+    p = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=900, env=env)
+    assert p.returncode != 0
+    assert "ERROR: AddressSanitizer: heap-buffer-overflow" in p.stderr, p.stderr[-3000:]
+    assert "global_overrun_kernel" in p.stderr and "0 bytes to the right of 256-byte region" in p.stderr
+
+
+def test_every_cuda_case_is_clean_under_address_sanitizer(ops):
+    """compute-sanitizer's memcheck, for global memory, on the CPU: every emulated case of
+    test_cuda_backend.py again, with poisoned bytes around every tensor."""
+    env = emulator.asan_env()
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-s", "-p", "no:cacheprovider",
+                        os.path.join(TESTS, "test_cuda_backend.py"), "-k", "emu"],
+                       capture_output=True, text=True, timeout=1800, env=env, cwd=os.path.dirname(TESTS))
+    out = p.stdout + p.stderr
+    assert "ASan doesn't fully support makecontext" in out, "the cases did not run under AddressSanitizer"
+    assert "AddressSanitizer" not in out, out[-4000:]
+    assert p.returncode == 0, out[-4000:]
+    assert " passed" in p.stdout and " failed" not in p.stdout
+
+
 def test_an_unknown_self_test_is_named(ops):
     with pytest.raises(RuntimeError, match="unknown kernel 'nope'"):
         ops.emu_selftest("nope")

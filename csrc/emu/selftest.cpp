@@ -80,6 +80,11 @@ __global__ void register_index_kernel(float* out) {
   out[threadIdx.x] = r[threadIdx.x % 5];
 }
 
+// The last thread reads one float past the output tensor (global memory).
+__global__ void global_overrun_kernel(float* out) {
+  out[threadIdx.x] = out[threadIdx.x + (threadIdx.x == kThreads - 1)] + 1.f;
+}
+
 // Reads the dynamic shared memory before any thread wrote it: 0xff bytes, a NaN.
 __global__ void smem_unwritten_kernel(float* out) {
   PROPER_DYNAMIC_SMEM(smem);
@@ -100,6 +105,7 @@ at::Tensor selftest(const std::string& name) {
   else if (name == "smem_overrun") simt::launch(smem_overrun_kernel, grid, block, smem, o);
   else if (name == "misaligned") simt::launch(misaligned_kernel, grid, block, smem, o);
   else if (name == "register_index") simt::launch(register_index_kernel, grid, block, 0, o);
+  else if (name == "global_overrun") simt::launch(global_overrun_kernel, grid, block, 0, o);
   else if (name == "smem_unwritten") simt::launch(smem_unwritten_kernel, grid, block, smem, o);
   else if (name == "too_much_smem") simt::launch(smem_unwritten_kernel, grid, block, simt::kMaxDynamicSmem + 16, o);
   else if (name == "too_many_threads") simt::launch(race_kernel, grid, dim3(1056), 0, o);

@@ -47,22 +47,52 @@ def cuda_include() -> str:
     raise EmulatorUnavailable("no CUDA headers (cuda_fp16.h, cuda_bf16.h, cuda_runtime.h) in " + ", ".join(candidates))
 
 
-def load():
-    """torch.ops.proper_emu, built if needed."""
+# AddressSanitizer too: every tensor then has poisoned bytes around it, so a kernel's read or
+# write past a tensor stops the process with the kernel's source line (compute-sanitizer's
+# memcheck, for global memory). The library must run in a process that starts with libasan
+# (`asan_env()`), so it is a separate build that only a subprocess loads.
+ADDRESS = ["-fsanitize=address", "-fno-omit-frame-pointer"]
+
+
+def asan_env(env=None):
+    """The environment of a process that may load(address=True)."""
+    import subprocess
+
+    lib = subprocess.run(["c++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    if not lib or not os.path.isabs(lib) or not os.path.exists(lib):
+        raise EmulatorUnavailable("the C++ compiler has no libasan.so")
+    # libstdc++ is preloaded too, so that ASan finds the C++ runtime's __cxa_throw (the python
+    # binary does not link it)
+    cxx = subprocess.run(["c++", "-print-file-name=libstdc++.so"], capture_output=True, text=True).stdout.strip()
+    env = dict(os.environ if env is None else env)
+    env["LD_PRELOAD"] = f"{lib} {cxx}" if os.path.isabs(cxx) else lib
+    env["PROPER_EMU_ADDRESS"] = "1"
+    # no leak report at exit (Python's and torch's allocations), and no alarm at the fibers'
+    # stack switches; a first error ends the process
+    env["ASAN_OPTIONS"] = "detect_leaks=0:detect_stack_use_after_return=0:halt_on_error=1"
+    return env
+
+
+def load(address=None):
+    """torch.ops.proper_emu, built if needed; with AddressSanitizer when `address` (by default
+    when PROPER_EMU_ADDRESS=1, which asan_env() sets)."""
     global _ops
     if _ops is not None:
         return _ops
+    if address is None:
+        address = os.environ.get("PROPER_EMU_ADDRESS") == "1"
     from torch.utils import cpp_extension
 
     include = cuda_include()
-    build = ROOT / "build" / "emu"
+    build = ROOT / "build" / ("emu-asan" if address else "emu")
     build.mkdir(parents=True, exist_ok=True)
+    sanitize = SANITIZE + (ADDRESS if address else [])
     try:
         cpp_extension.load(
-            name=NAME,
+            name=NAME + ("_asan" if address else ""),
             sources=[str(CSRC / "ops.cpp")] + [str(CSRC / "emu" / f) for f in ("kernels.cpp", "fill.cpp", "selftest.cpp")],
-            extra_cflags=["-DPROPER_EMU", "-O2", "-fno-strict-aliasing", *SANITIZE, f"-I{include}", f"-I{CSRC}"],
-            extra_ldflags=SANITIZE,
+            extra_cflags=["-DPROPER_EMU", "-O2", "-fno-strict-aliasing", *sanitize, f"-I{include}", f"-I{CSRC}"],
+            extra_ldflags=sanitize,
             build_directory=str(build),
             is_python_module=False,
             verbose=False,
