@@ -16,8 +16,9 @@ PROPER_BUILD_CUDA=1 MAX_JOBS="${MAX_JOBS:-8}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA
     pip install --no-build-isolation --no-deps -v -e . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 python -c 'import torch, proper_kernels; print(torch.cuda.get_device_name(), "extension:", proper_kernels.cuda_extension_error() or "loaded")'
 
-echo "== GPU tests (the CPU emulator's target of test_cuda_backend runs in CI, not here)"
-python -m pytest -q -x -k "not emu" tests/test_cuda_backend.py tests/test_cuda_ops.py tests/test_triton_linear.py \
+echo "== GPU tests (the CUDA tests' emulator target runs in CI, not here)"
+python -m pytest -q -x -k "not emu" tests/test_cuda_backend.py tests/test_cuda_edge_inputs.py tests/test_cuda_ops.py \
+    tests/test_triton_linear.py \
     tests/test_triton_router.py tests/test_triton_training.py tests/test_compile.py tests/test_build.py \
     tests/test_auto_table.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -5
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1

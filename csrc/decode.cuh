@@ -134,7 +134,9 @@ __global__ void __launch_bounds__(kThreads, 2) decode_shrink_kernel(DecodeLaunch
     for (int e = lane; e < a.E; e += kWarp) {
       float v = sum[e];
       if (R) v += dev::to_float(R[(u >= 0 ? u : a.num_users) * a.E + e]);
-      if (Wh && has_row)
+      // every token, as the reference: h_u (sum[E..]) is 0 for a user with no bank row,
+      // and 0 * W_h still carries a NaN or an inf of W_h
+      if (Wh && a.user_A != nullptr)
         for (int j = 0; j < a.r_u; ++j) v += dev::to_float(Wh[e * a.r_u + j]) * sum[a.E + j];
       if (s == 0) a.logits[t * a.E + e] = v;
       p[e] = v * a.inv_temperature;

@@ -310,7 +310,9 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_shrink_kernel(ShrinkArgs 
     for (int e = lane; e < a.E; e += kWarp) {
       float v = Wx ? srow[c_router + e] : 0.f;
       if (R) v += dev::to_float(R[(known ? uid : a.r_rows - 1) * a.E + e]);
-      if (Wh && has_row)
+      // every token, as the reference: a user with no bank row has h_u = 0 (its columns
+      // were never accumulated), and 0 * W_h still carries a NaN or an inf of W_h
+      if (Wh && UA != nullptr)
         for (int j = 0; j < a.r_u; ++j) v += dev::to_float(Wh[e * a.r_u + j]) * srow[c_user + j];
       a.logits[tok * a.E + e] = v;
       w.p[e] = v * a.inv_temperature;
@@ -641,7 +643,13 @@ __global__ void __launch_bounds__(kThreads) prefill_bwd_dx_kernel(BwdDxArgs a) {
           const float hi = dev::to_float(dev::from_float<T>(v));
           As[m * kLd + kk] = dev::from_float<T>(part == 0 ? v : v - hi);
         }
-        if (part == 0) tc::stage_cols<T>(Bs, Wx, kOutTile, a.in, k0, a.E, n0, a.in);
+        // The remainder's product takes W_x's finite entries only: an inf or a NaN of W_x
+        // is in the high part's product already, and 0 * inf would make a NaN where the
+        // reference has the inf.
+        if (part == 0)
+          tc::stage_cols<T>(Bs, Wx, kOutTile, a.in, k0, a.E, n0, a.in);
+        else
+          tc::stage_cols<T, true>(Bs, Wx, kOutTile, a.in, k0, a.E, n0, a.in);
         __syncthreads();
         if (a.dx_router)
           mma_out_tiles<T>(accr, As, Bs, wm, wn, true, true, lane);

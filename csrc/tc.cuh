@@ -125,14 +125,18 @@ struct AFrag<float> {
 
 // dst[n][kk] (n < nrows, kk < kTileK) = src[(k0 + kk) * ld + n0 + n]: a tile of a matrix whose
 // rows run along K, read along n (consecutive threads, consecutive addresses) and stored
-// transposed. Zero where k0 + kk >= K or n0 + n >= N.
-template <typename T>
+// transposed. Zero where k0 + kk >= K or n0 + n >= N, and, with kFiniteOnly, where the
+// value is an inf or a NaN.
+template <typename T, bool kFiniteOnly = false>
 __device__ __forceinline__ void stage_cols(T* dst, const T* __restrict__ src, int nrows, int64_t ld, int k0, int K,
                                            int n0, int N) {
   for (int q = threadIdx.x; q < nrows * kTileK; q += kThreads) {
     const int n = q % nrows, kk = q / nrows;
     T v = Zero<T>::value();
     if (k0 + kk < K && n0 + n < N) v = src[static_cast<int64_t>(k0 + kk) * ld + n0 + n];
+    if constexpr (kFiniteOnly) {
+      if (!isfinite(dev::to_float(v))) v = Zero<T>::value();
+    }
     dst[n * kLd + kk] = v;
   }
 }

@@ -28,6 +28,8 @@ def bank_grad(left: Tensor, right: Tensor, uid: Tensor, groups: Optional[int], n
     its own run and the outer products are summed in chunks to bound memory. Tokens without
     a row (id -1) add zeros to row 0: no boolean indexing, so no host sync."""
     out = torch.zeros(n_users, left.shape[1], right.shape[1], device=left.device, dtype=torch.float32)
+    if left.shape[0] == 0:  # no tokens (and, per sequence, no groups to split them into)
+        return out
     if groups is not None:
         # One batched GEMM in the data's dtype (cuBLAS accumulates in fp32): the [T, in] side is
         # read once, with no fp32 copy of it.

@@ -92,7 +92,7 @@ def _backward_inputs(ctx, x2, xl2, dy):
     """(the adapters' input, which weights need a gradient, dy as [T, out] in x's dtype)."""
     needs = dict(zip(("lora_A", "lora_B", "router_x", "router_user", "router_h", "user_A", "user_B"),
                      ctx.needs_input_grad[3:10]))
-    return (x2 if xl2 is None else xl2), needs, dy.reshape(x2.shape[0], -1).to(x2.dtype).contiguous()
+    return (x2 if xl2 is None else xl2), needs, dy.reshape(x2.shape[0], dy.shape[-1]).to(x2.dtype).contiguous()
 
 
 class _ProperLinear(torch.autograd.Function):

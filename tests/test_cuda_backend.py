@@ -7,88 +7,35 @@ Each test runs on two targets:
   tests/_helpers/emulator.py, docs/DESIGN.md#emulator): every thread, barrier, shuffle and
   mma.sync runs on the CPU, on CPU tensors. It is skipped where no C++ compiler or CUDA
   headers are found, and fails instead where PROPER_EXPECT_CUDA_EXT=1 (CI).
-Poisoning is deterministic: with deterministic algorithms on and
-torch.utils.deterministic.fill_uninitialized_memory set, every torch.empty (the ops' outputs
-and workspaces included, which come from at::empty) is filled with NaN (ints: their
-maximum), so an element a kernel leaves unwritten fails the comparison.
+The targets and the poisoning are conftest's `cuda_target` and `on_cuda_target`: every
+torch.empty (the ops' outputs and workspaces included, which come from at::empty) is filled
+with NaN (ints: their maximum), so an element a kernel leaves unwritten fails the comparison.
 
 Paths: the tensor-core prefill kernels (training, and inference past DECODE_MAX_TOKENS), the
 decode kernels (inference on few tokens: checked forward only, under no_grad), and the
 BGMV kernels for shapes wider than the tensor-core kernels hold.
 """
 
-import os
-from dataclasses import dataclass
-
 import pytest
 import torch
 
 import proper_kernels
-from _helpers import emulator
 from _helpers.cases import grid, make_case
 from _helpers.kernels import cast, rel_err
 from _helpers.kernels import check as check_fn
 from proper_kernels import cuda_backend, reference
 
-
-@dataclass(frozen=True)
-class Target:
-    name: str
-    device: str
-    ops: object
+pytestmark = pytest.mark.usefixtures("on_cuda_target")
 
 
-def _gpu():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    if proper_kernels.cuda_extension_error() is not None:
-        pytest.skip(proper_kernels.cuda_extension_error())
-    return Target("gpu", "cuda", torch.ops.proper)
-
-
-def _emu():
-    try:
-        return Target("emu", "cpu", emulator.load())
-    except emulator.EmulatorUnavailable as e:
-        if os.environ.get("PROPER_EXPECT_CUDA_EXT") == "1":
-            raise
-        pytest.skip(str(e))
-
-
-# Tests that launch no kernel on purpose.
-LAUNCH_FREE = {"test_dispatcher_picks_cuda_on_a_gpu"}
-
-
-@pytest.fixture(scope="module", params=["emu", pytest.param("gpu", marks=pytest.mark.gpu)])
-def target(request):
-    return _emu() if request.param == "emu" else _gpu()
-
-
-@pytest.fixture(autouse=True)
-def on_target(target, monkeypatch, request):
-    """cuda_backend calls the target's ops; on the emulator, the test must have launched."""
-    monkeypatch.setattr(cuda_backend, "_ops", target.ops)
-    launches = target.name == "emu" and request.function.__name__ not in LAUNCH_FREE
-    before = target.ops.emu_launches() if launches else None
-    yield
-    if before is not None:
-        assert target.ops.emu_launches() > before, "the test ran no kernel on the emulator"
+@pytest.fixture
+def target(cuda_target):
+    return cuda_target
 
 
 # Per dtype: the largest error of y, the gates and the logits relative to the float64
 # reference's largest magnitude; every gradient gets twice it.
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
-
-
-@pytest.fixture(autouse=True)
-def poison():
-    """Every fresh allocation of the test is filled with NaN (deterministic poisoning)."""
-    was = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)  # index_add_ has no deterministic CUDA kernel
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(was[0])
-    torch.utils.deterministic.fill_uninitialized_memory = was[1]
 
 
 def run_cuda(**kw):
@@ -210,6 +157,7 @@ def test_router_topk_matches_reference(E, k, dtype, target):
     assert rel_err(logits.grad, ref_in.grad) <= 2 * tol
 
 
+@pytest.mark.no_launch
 def test_dispatcher_picks_cuda_on_a_gpu(target):
     if target.name != "gpu":
         pytest.skip("the dispatcher's choice on a CUDA device")

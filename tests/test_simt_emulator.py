@@ -101,10 +101,12 @@ def test_a_global_memory_overrun_is_caught_by_address_sanitizer(ops):
 
 def test_every_cuda_case_is_clean_under_address_sanitizer(ops):
     """compute-sanitizer's memcheck, for global memory, on the CPU: every emulated case of
-    test_cuda_backend.py again, with poisoned bytes around every tensor."""
+    test_cuda_backend.py and test_cuda_edge_inputs.py again, with poisoned bytes around
+    every tensor."""
     env = emulator.asan_env()
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-s", "-p", "no:cacheprovider",
-                        os.path.join(TESTS, "test_cuda_backend.py"), "-k", "emu"],
+                        os.path.join(TESTS, "test_cuda_backend.py"), os.path.join(TESTS, "test_cuda_edge_inputs.py"),
+                        "-k", "emu"],
                        capture_output=True, text=True, timeout=1800, env=env, cwd=os.path.dirname(TESTS))
     out = p.stdout + p.stderr
     assert "ASan doesn't fully support makecontext" in out, "the cases did not run under AddressSanitizer"

@@ -11,8 +11,8 @@ import os
 
 import pytest
 import torch
-from _helpers.cases import make_case
-from _helpers.kernels import LAYOUTS, PARAMS, poisoned_empty, rel_err, use_layout
+from _helpers.cases import EDGE, SPECIALS, empty_case, special_case
+from _helpers.kernels import LAYOUTS, PARAMS, check_indices, check_specials, poisoned_empty, rel_err, use_layout
 from _helpers.kernels import cast as cast_to
 
 from proper_kernels import reference
@@ -37,7 +37,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning"),
 ]
 
-T, D_IN, D_OUT, E, K, R, R_U, USERS = 70, 12, 10, 8, 2, 4, 8, 6  # 70 tokens, 140 pairs: several blocks
+T, E, K = EDGE.T, EDGE.E, EDGE.K
 
 
 @pytest.fixture(autouse=True)
@@ -45,32 +45,6 @@ def poison(monkeypatch):
     """Fill every kernel output with NaN (floats) or -7 (ints) before the launch writes it."""
     monkeypatch.setattr(triton_linear, "_empty", poisoned_empty)
     monkeypatch.setattr(triton_router, "_empty", poisoned_empty)
-
-
-def check_specials(got, want, tol, what, exact=True):
-    """NaN wherever the reference has NaN (exact: nowhere else), the same infinities where
-    both are not NaN, and the finite elements within tol of the reference."""
-    got, want = got.detach().double().cpu(), want.detach().double().cpu()
-    assert got.shape == want.shape, what
-    gn, wn = got.isnan(), want.isnan()
-    assert (gn | ~wn).all(), f"{what}: a NaN of the reference is missing"
-    if exact:
-        assert torch.equal(gn, wn), f"{what}: NaN where the reference has none"
-    both = ~gn & ~wn
-    assert torch.equal(got[both].isposinf(), want[both].isposinf()), f"{what}: +inf differs"
-    assert torch.equal(got[both].isneginf(), want[both].isneginf()), f"{what}: -inf differs"
-    fin = both & want.isfinite()
-    if fin.any():
-        err = rel_err(got[fin], want[fin])
-        assert err <= tol, f"{what}: {err}"
-    return wn
-
-
-def check_indices(indices, num_experts, k):
-    assert indices.dtype == torch.int64
-    assert ((indices >= 0) & (indices < num_experts)).all(), "indices out of [0, E)"
-    if k > 1:
-        assert (indices.sort(dim=1).values.diff(dim=1) > 0).all(), "indices of a row must be distinct"
 
 
 def run_both(case, dtype, strategy, sparse_grad=False):
@@ -91,24 +65,6 @@ def run_both(case, dtype, strategy, sparse_grad=False):
     ((y64 * gy).sum() + (routing64.logits * gl).sum() + (routing64.gates * gg).sum()).backward()
     ((y.double() * gy).sum() + (routing.logits.double() * gl).sum() + (routing.gates.double() * gg).sum()).backward()
     return (y, routing, ins), (y64, routing64, ins64)
-
-
-def special_case(where, value):
-    """A full case (token, user and LoRA-aware routers, a user bank) with one NaN or +-Inf:
-    in x (token 2) or in a router table (for router_user, the row token 3 reads)."""
-    case = make_case(17, T, D_IN, D_OUT, E, K, R, R_U, USERS, ("token", "user", "lora"))
-    v = float(value)
-    if where == "x":
-        case["x"][2, 3] = v
-    elif where == "router_user":
-        u = int(case["user_ids"][3])
-        case["router_user"][u if u >= 0 else USERS, 1] = v
-    else:
-        case[where][1, 1] = v
-    return case
-
-
-SPECIALS = [("x", "nan")] + [(t, v) for t in ("router_x", "router_user", "router_h") for v in ("nan", "inf", "-inf")]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -149,14 +105,6 @@ def test_nan_and_inf_inputs(layout, where, value, dtype, monkeypatch):
             fin = got.isfinite() & want.isfinite()
             if fin.any():
                 assert rel_err(got[fin], want[fin]) <= tol * 2, n
-
-
-def empty_case(per_sequence):
-    case = make_case(5, 6, D_IN, D_OUT, E, K, R, R_U, USERS, ("token", "user", "lora"),
-                     per_sequence=per_sequence, seq_len=3 if per_sequence else 1)
-    for n in ("x", "base_out", "user_ids"):
-        case[n] = case[n][:0].clone()  # T = 0, with (empty) user ids
-    return case
 
 
 @pytest.mark.parametrize("sparse_grad", [False, True], ids=["dense-grad", "sparse-grad"])

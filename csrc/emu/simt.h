@@ -50,6 +50,7 @@
 #define __shared__ static
 #define __launch_bounds__(...)
 
+using std::isfinite;
 using std::isnan;
 
 template <typename A, typename B>

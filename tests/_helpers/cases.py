@@ -54,3 +54,37 @@ def grid():
             cases.append((T, d_in, d_out, E, k, r, r_u, sources, cold))
             i += 1
     return cases
+
+
+# -- edge inputs (NaN / Inf, zero tokens), shared by the Triton and the CUDA edge tests --------
+
+class EDGE:
+    """70 tokens (140 pairs: several blocks), 12 -> 10 features, 8 experts top-2, rank 4,
+    a rank-8 bank of 6 users."""
+    T, d_in, d_out, E, K, r, r_u, users = 70, 12, 10, 8, 2, 4, 8, 6
+
+
+def special_case(where, value):
+    """A full case (token, user and LoRA-aware routers, a user bank) with one NaN or +-Inf:
+    in x (token 2) or in a router table (for router_user, the row token 3 reads)."""
+    case = make_case(17, EDGE.T, EDGE.d_in, EDGE.d_out, EDGE.E, EDGE.K, EDGE.r, EDGE.r_u, EDGE.users, ("token", "user", "lora"))
+    v = float(value)
+    if where == "x":
+        case["x"][2, 3] = v
+    elif where == "router_user":
+        u = int(case["user_ids"][3])
+        case["router_user"][u if u >= 0 else EDGE.users, 1] = v
+    else:
+        case[where][1, 1] = v
+    return case
+
+
+SPECIALS = [("x", "nan")] + [(t, v) for t in ("router_x", "router_user", "router_h") for v in ("nan", "inf", "-inf")]
+
+
+def empty_case(per_sequence):
+    case = make_case(5, 6, EDGE.d_in, EDGE.d_out, EDGE.E, EDGE.K, EDGE.r, EDGE.r_u, EDGE.users, ("token", "user", "lora"),
+                     per_sequence=per_sequence, seq_len=3 if per_sequence else 1)
+    for n in ("x", "base_out", "user_ids"):
+        case[n] = case[n][:0].clone()  # T = 0, with (empty) user ids
+    return case

@@ -14,7 +14,9 @@ from __future__ import annotations
 import glob
 import os
 import pathlib
+from dataclasses import dataclass
 
+import pytest
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -26,6 +28,8 @@ NAME = "proper_emu"
 SANITIZE = ["-fsanitize=alignment,bounds", "-fno-sanitize-recover=all"]
 
 _ops = None
+_error = None  # a failed build, raised again: in the same process, torch's JIT versioner
+# would take the next load() for up to date and load the library of an earlier build
 
 
 class EmulatorUnavailable(RuntimeError):
@@ -76,9 +80,11 @@ def asan_env(env=None):
 def load(address=None):
     """torch.ops.proper_emu, built if needed; with AddressSanitizer when `address` (by default
     when PROPER_EMU_ADDRESS=1, which asan_env() sets)."""
-    global _ops
+    global _ops, _error
     if _ops is not None:
         return _ops
+    if _error is not None:
+        raise _error
     if address is None:
         address = os.environ.get("PROPER_EMU_ADDRESS") == "1"
     from torch.utils import cpp_extension
@@ -98,6 +104,37 @@ def load(address=None):
             verbose=False,
         )
     except (RuntimeError, OSError) as e:
-        raise EmulatorUnavailable(f"the emulated CUDA ops failed to build: {e}") from e
+        _error = EmulatorUnavailable(f"the emulated CUDA ops failed to build: {e}")
+        raise _error from e
     _ops = getattr(torch.ops, NAME)
     return _ops
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the CUDA backend's tests run: `gpu` (the built extension on a CUDA device) or
+    `emu` (the emulated ops on CPU tensors)."""
+    name: str
+    device: str
+    ops: object
+
+
+def gpu_target() -> Target:
+    import proper_kernels
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if proper_kernels.cuda_extension_error() is not None:
+        pytest.skip(proper_kernels.cuda_extension_error())
+    return Target("gpu", "cuda", torch.ops.proper)
+
+
+def emu_target() -> Target:
+    """The emulated ops; skipped where they cannot be built, except where
+    PROPER_EXPECT_CUDA_EXT=1 (CI), where that fails."""
+    try:
+        return Target("emu", "cpu", load())
+    except EmulatorUnavailable as e:
+        if os.environ.get("PROPER_EXPECT_CUDA_EXT") == "1":
+            raise
+        pytest.skip(str(e))

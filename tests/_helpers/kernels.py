@@ -90,3 +90,29 @@ def use_layout(layout, monkeypatch):
         monkeypatch.setattr(triton_grouped, "WIDE_MAX_COLUMNS", wide[0])
         monkeypatch.setattr(triton_grouped, "WIDE_SHRINK_PER_SLOT", wide[1])
     return strategy
+
+
+def check_specials(got, want, tol, what, exact=True):
+    """NaN wherever the reference has NaN (exact: nowhere else), the same infinities where
+    both are not NaN, and the finite elements within tol of the reference."""
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    assert got.shape == want.shape, what
+    gn, wn = got.isnan(), want.isnan()
+    assert (gn | ~wn).all(), f"{what}: a NaN of the reference is missing"
+    if exact:
+        assert torch.equal(gn, wn), f"{what}: NaN where the reference has none"
+    both = ~gn & ~wn
+    assert torch.equal(got[both].isposinf(), want[both].isposinf()), f"{what}: +inf differs"
+    assert torch.equal(got[both].isneginf(), want[both].isneginf()), f"{what}: -inf differs"
+    fin = both & want.isfinite()
+    if fin.any():
+        err = rel_err(got[fin], want[fin])
+        assert err <= tol, f"{what}: {err}"
+    return wn
+
+
+def check_indices(indices, num_experts, k):
+    assert indices.dtype == torch.int64
+    assert ((indices >= 0) & (indices < num_experts)).all(), "indices out of [0, E)"
+    if k > 1:
+        assert (indices.sort(dim=1).values.diff(dim=1) > 0).all(), "indices of a row must be distinct"
