@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from _helpers.cases import EDGE, SPECIALS, empty_case, special_case
-from _helpers.kernels import PARAMS, cast, check_indices, check_specials, rel_err
-from proper_kernels import cuda_backend, reference
+from _helpers.kernels import (cast, check_indices, check_router_nan_and_inf, check_router_zero_tokens,
+                              check_special_grads, check_specials, run_with_reference)
+from proper_kernels import cuda_backend
 
 pytestmark = [
     pytest.mark.usefixtures("on_cuda_target"),
@@ -35,26 +36,8 @@ def use_path(path, monkeypatch):
 
 
 def run_both(case, dtype, device, train):
-    """The CUDA backend and the float64 reference on the same (cast) values; when `train`,
-    also the backward of one loss with gradients into y, the logits and the gates."""
-    low = cast(case, dtype, device)
-    names = [n for n in PARAMS if low[n] is not None]
-    hi = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in low.items()}
-    ins64 = {n: hi[n].clone().requires_grad_(True) for n in names}
-    y64, routing64 = reference.proper_linear(**dict(hi, **ins64))
-    if not train:
-        with torch.no_grad():
-            y, routing = cuda_backend.proper_linear(**low)
-        return (y, routing, {}), (y64, routing64, {})
-    ins = {n: low[n].clone().requires_grad_(True) for n in names}
-    y, routing = cuda_backend.proper_linear(**dict(low, **ins))
-    g = torch.Generator().manual_seed(0)
-    gy = torch.randn(y64.shape, generator=g, dtype=torch.float64).to(device)
-    gl = torch.randn(routing64.logits.shape, generator=g, dtype=torch.float64).to(device)
-    gg = torch.randn(routing64.gates.shape, generator=g, dtype=torch.float64).to(device)
-    ((y64 * gy).sum() + (routing64.logits * gl).sum() + (routing64.gates * gg).sum()).backward()
-    ((y.double() * gy).sum() + (routing.logits.double() * gl).sum() + (routing.gates.double() * gg).sum()).backward()
-    return (y, routing, ins), (y64, routing64, ins64)
+    """The CUDA backend and the float64 reference (run_with_reference)."""
+    return run_with_reference(case, dtype, device, cuda_backend.proper_linear, train)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -77,15 +60,7 @@ def test_nan_and_inf_inputs(path, where, value, dtype, cuda_target, monkeypatch)
     fine = ~nan_gates.any(dim=1).to(y.device)
     weighty = (routing64.gates > 1e-6) & fine[:, None]
     assert torch.equal(routing.indices[weighty], routing64.indices[weighty])
-    for n in ins:
-        got, want = ins[n].grad, ins64[n].grad
-        assert got is not None and got.dtype == dtype and got.shape == want.shape, n
-        if n in ("x", "base_out"):  # per token: NaN exactly where the reference has NaN
-            check_specials(got, want, tol * 2, f"d{n}")
-        else:  # weights sum over tokens: where both are finite, equal
-            fin = got.isfinite() & want.isfinite()
-            if fin.any():
-                assert rel_err(got[fin], want[fin]) <= tol * 2, n
+    check_special_grads(ins, ins64, dtype, tol * 2)
 
 
 @pytest.mark.parametrize("per_sequence", [False, True], ids=["per-token", "per-sequence"])
@@ -125,35 +100,11 @@ def test_zero_tokens_in_place_without_autograd(cuda_target, monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 def test_router_nan_and_inf(value, dtype, cuda_target):
-    """A NaN or +-Inf logit: gates and d logits NaN exactly where the reference has NaN and
-    equal elsewhere; indices distinct, in range, and the reference's on the finite rows."""
-    n, e, k = 70, 8, 3
-    g = torch.Generator().manual_seed(4)
-    logits = torch.randn(n, e, generator=g, dtype=torch.float64).to(cuda_target.device, dtype)
-    logits[2, 5] = float(value)
-    logits[40, :] = float(value)
-    dgates = torch.randn(n, k, generator=g, dtype=torch.float64).to(cuda_target.device, dtype)
-    x = logits.clone().requires_grad_(True)
-    gates, indices = cuda_backend.router_topk(x, k, 0.7)
-    gates.backward(dgates)
-    x64 = logits.double().requires_grad_(True)
-    gates64, indices64 = reference.router_topk(x64, k, 0.7)
-    gates64.backward(dgates.double())
-    tol = TOL[dtype]
-    assert gates.dtype == dtype
-    check_indices(indices, e, k)
-    nan_rows = check_specials(gates, gates64, tol, "gates").any(dim=1).to(gates.device)
-    assert nan_rows[40] and nan_rows.sum() < n
-    assert torch.equal(indices[~nan_rows], indices64[~nan_rows])
-    check_specials(x.grad, x64.grad, tol * 2, "dlogits")
+    """A NaN or +-Inf logit (check_router_nan_and_inf)."""
+    check_router_nan_and_inf(cuda_backend.router_topk, value, dtype, cuda_target.device, TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.no_launch
 def test_router_zero_tokens(dtype, cuda_target):
-    x = torch.empty(0, 8, device=cuda_target.device, dtype=dtype).requires_grad_(True)
-    gates, indices = cuda_backend.router_topk(x, 2, 0.7)
-    assert gates.shape == (0, 2) and gates.dtype == dtype
-    assert indices.shape == (0, 2) and indices.dtype == torch.int64
-    gates.sum().backward()
-    assert x.grad is not None and x.grad.shape == (0, 8) and x.grad.dtype == dtype
+    check_router_zero_tokens(cuda_backend.router_topk, dtype, cuda_target.device)

@@ -12,10 +12,11 @@ import os
 import pytest
 import torch
 from _helpers.cases import EDGE, SPECIALS, empty_case, special_case
-from _helpers.kernels import LAYOUTS, PARAMS, check_indices, check_specials, poisoned_empty, rel_err, use_layout
+from _helpers.kernels import (LAYOUTS, check_indices, check_router_nan_and_inf, check_router_zero_tokens,
+                              check_special_grads, check_specials, poisoned_empty, run_with_reference,
+                              use_layout)
 from _helpers.kernels import cast as cast_to
 
-from proper_kernels import reference
 
 triton = pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -48,23 +49,10 @@ def poison(monkeypatch):
 
 
 def run_both(case, dtype, strategy, sparse_grad=False):
-    """The Triton op and the float64 reference on the same (cast) values, forward and the
-    backward of one loss with gradients into y, the logits and the gates."""
-    low = cast_to(case, dtype, DEVICE)
-    names = [n for n in PARAMS if low[n] is not None]
-    ins = {n: low[n].clone().requires_grad_(True) for n in names}
-    y, routing = triton_linear.proper_linear(**dict(low, **ins), strategy=strategy, sparse_grad=sparse_grad)
-    hi = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in low.items()}
-    ins64 = {n: hi[n].clone().requires_grad_(True) for n in names}
-    y64, routing64 = reference.proper_linear(**dict(hi, **ins64), sparse_grad=sparse_grad)
-
-    g = torch.Generator().manual_seed(0)
-    gy = torch.randn(y64.shape, generator=g, dtype=torch.float64).to(DEVICE)
-    gl = torch.randn(routing64.logits.shape, generator=g, dtype=torch.float64).to(DEVICE)
-    gg = torch.randn(routing64.gates.shape, generator=g, dtype=torch.float64).to(DEVICE)
-    ((y64 * gy).sum() + (routing64.logits * gl).sum() + (routing64.gates * gg).sum()).backward()
-    ((y.double() * gy).sum() + (routing.logits.double() * gl).sum() + (routing.gates.double() * gg).sum()).backward()
-    return (y, routing, ins), (y64, routing64, ins64)
+    """The Triton op and the float64 reference, forward and backward (run_with_reference)."""
+    def fn(**kw):
+        return triton_linear.proper_linear(**kw, strategy=strategy, sparse_grad=sparse_grad)
+    return run_with_reference(case, dtype, DEVICE, fn, sparse_grad=sparse_grad)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -96,15 +84,7 @@ def test_nan_and_inf_inputs(layout, where, value, dtype, monkeypatch):
     weighty = (routing64.gates > 1e-6) & fine[:, None]
     assert torch.equal(routing.indices[weighty], routing64.indices[weighty])
 
-    for n in ins:
-        got, want = ins[n].grad, ins64[n].grad
-        assert got is not None and got.dtype == dtype and got.shape == want.shape, n
-        if n in ("x", "base_out"):  # per token: NaN exactly where the reference has NaN
-            check_specials(got, want, tol * 2, f"d{n}", exact)
-        elif exact:  # weights sum over tokens: where both are finite, equal
-            fin = got.isfinite() & want.isfinite()
-            if fin.any():
-                assert rel_err(got[fin], want[fin]) <= tol * 2, n
+    check_special_grads(ins, ins64, dtype, tol * 2, exact)
 
 
 @pytest.mark.parametrize("sparse_grad", [False, True], ids=["dense-grad", "sparse-grad"])
@@ -146,36 +126,10 @@ def test_zero_tokens_in_place_without_autograd(layout, monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 def test_router_nan_and_inf(value, dtype):
-    """A NaN or +-Inf logit in 16-bit and fp32: gates and d logits NaN exactly where the
-    reference has NaN and equal elsewhere; indices distinct, in range, and the reference's on
-    the finite rows."""
-    n, e, k = 70, 8, 3
-    g = torch.Generator().manual_seed(4)
-    logits = torch.randn(n, e, generator=g, dtype=torch.float64).to(DEVICE, dtype)
-    logits[2, 5] = float(value)
-    logits[40, :] = float(value)
-    dgates = torch.randn(n, k, generator=g, dtype=torch.float64).to(DEVICE, dtype)
-    x = logits.clone().requires_grad_(True)
-    gates, indices = triton_router.router_topk(x, k, 0.7)
-    gates.backward(dgates)
-    x64 = logits.double().requires_grad_(True)
-    gates64, indices64 = reference.router_topk(x64, k, 0.7)
-    gates64.backward(dgates.double())
-
-    tol = TOL[dtype]
-    assert gates.dtype == dtype
-    check_indices(indices, e, k)
-    nan_rows = check_specials(gates, gates64, tol, "gates").any(dim=1).to(DEVICE)
-    assert nan_rows[40] and nan_rows.sum() < n
-    assert torch.equal(indices[~nan_rows], indices64[~nan_rows])
-    check_specials(x.grad, x64.grad, tol * 2, "dlogits")
+    """A NaN or +-Inf logit in 16-bit and fp32 (check_router_nan_and_inf)."""
+    check_router_nan_and_inf(triton_router.router_topk, value, dtype, DEVICE, TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_router_zero_tokens(dtype):
-    x = torch.empty(0, 8, device=DEVICE, dtype=dtype).requires_grad_(True)
-    gates, indices = triton_router.router_topk(x, 2, 0.7)
-    assert gates.shape == (0, 2) and gates.dtype == dtype
-    assert indices.shape == (0, 2) and indices.dtype == torch.int64
-    gates.sum().backward()
-    assert x.grad is not None and x.grad.shape == (0, 8) and x.grad.dtype == dtype
+    check_router_zero_tokens(triton_router.router_topk, dtype, DEVICE)

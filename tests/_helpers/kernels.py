@@ -116,3 +116,76 @@ def check_indices(indices, num_experts, k):
     assert ((indices >= 0) & (indices < num_experts)).all(), "indices out of [0, E)"
     if k > 1:
         assert (indices.sort(dim=1).values.diff(dim=1) > 0).all(), "indices of a row must be distinct"
+
+
+def run_with_reference(case, dtype, device, fn, train=True, **ref_kw):
+    """`fn` (a backend's proper_linear) and the float64 reference on the same (cast) values.
+    When `train`, also the backward of one loss with the same seeded random gradients into
+    y, the logits and the gates; else fn runs under no_grad. Returns (y, routing, ins),
+    (y64, routing64, ins64), with `ins` the differentiable inputs (empty unless train)."""
+    low = cast(case, dtype, device)
+    names = [n for n in PARAMS if low[n] is not None]
+    hi = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in low.items()}
+    ins64 = {n: hi[n].clone().requires_grad_(True) for n in names} if train else {}
+    y64, routing64 = reference.proper_linear(**dict(hi, **ins64), **ref_kw)
+    if not train:
+        with torch.no_grad():
+            y, routing = fn(**low)
+        return (y, routing, {}), (y64, routing64, {})
+    ins = {n: low[n].clone().requires_grad_(True) for n in names}
+    y, routing = fn(**dict(low, **ins))
+    g = torch.Generator().manual_seed(0)
+    gy = torch.randn(y64.shape, generator=g, dtype=torch.float64).to(device)
+    gl = torch.randn(routing64.logits.shape, generator=g, dtype=torch.float64).to(device)
+    gg = torch.randn(routing64.gates.shape, generator=g, dtype=torch.float64).to(device)
+    ((y64 * gy).sum() + (routing64.logits * gl).sum() + (routing64.gates * gg).sum()).backward()
+    ((y.double() * gy).sum() + (routing.logits.double() * gl).sum() + (routing.gates.double() * gg).sum()).backward()
+    return (y, routing, ins), (y64, routing64, ins64)
+
+
+def check_special_grads(ins, ins64, dtype, tol, exact=True):
+    """The gradients of an edge case: per token (x, base_out) NaN exactly where the
+    reference has NaN (see check_specials); the weights, which sum over tokens, equal where
+    both are finite (when exact)."""
+    for n in ins:
+        got, want = ins[n].grad, ins64[n].grad
+        assert got is not None and got.dtype == dtype and got.shape == want.shape, n
+        if n in ("x", "base_out"):
+            check_specials(got, want, tol, f"d{n}", exact)
+        elif exact:
+            fin = got.isfinite() & want.isfinite()
+            if fin.any():
+                assert rel_err(got[fin], want[fin]) <= tol, n
+
+
+def check_router_nan_and_inf(router_topk, value, dtype, device, tol):
+    """A NaN or +-Inf logit (one element, and a whole row): gates and d logits NaN exactly
+    where the reference has NaN and within tol elsewhere (2 tol for d logits); indices
+    distinct, in range, and the reference's on the rows without NaN."""
+    n, e, k = 70, 8, 3
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(n, e, generator=g, dtype=torch.float64).to(device, dtype)
+    logits[2, 5] = float(value)
+    logits[40, :] = float(value)
+    dgates = torch.randn(n, k, generator=g, dtype=torch.float64).to(device, dtype)
+    x = logits.clone().requires_grad_(True)
+    gates, indices = router_topk(x, k, 0.7)
+    gates.backward(dgates)
+    x64 = logits.double().requires_grad_(True)
+    gates64, indices64 = reference.router_topk(x64, k, 0.7)
+    gates64.backward(dgates.double())
+    assert gates.dtype == dtype
+    check_indices(indices, e, k)
+    nan_rows = check_specials(gates, gates64, tol, "gates").any(dim=1).to(gates.device)
+    assert nan_rows[40] and nan_rows.sum() < n
+    assert torch.equal(indices[~nan_rows], indices64[~nan_rows])
+    check_specials(x.grad, x64.grad, tol * 2, "dlogits")
+
+
+def check_router_zero_tokens(router_topk, dtype, device):
+    x = torch.empty(0, 8, device=device, dtype=dtype).requires_grad_(True)
+    gates, indices = router_topk(x, 2, 0.7)
+    assert gates.shape == (0, 2) and gates.dtype == dtype
+    assert indices.shape == (0, 2) and indices.dtype == torch.int64
+    gates.sum().backward()
+    assert x.grad is not None and x.grad.shape == (0, 8) and x.grad.dtype == dtype
