@@ -22,11 +22,11 @@ PROPER_INSTANTIATE_PREFILL_BWD(BF16)
 #include <torch/library.h>
 
 namespace {
-void set_schedule(int64_t reverse) { simt::set_schedule(reverse ? simt::kReverse : simt::kForward); }
+void set_schedule(int64_t schedule) { simt::set_schedule(schedule); }
 int64_t launches() { return static_cast<int64_t>(simt::launches()); }
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(proper_emu, m) {
-  m.def("emu_set_schedule(int reverse) -> ()", &set_schedule);
+  m.def("emu_set_schedule(int schedule) -> ()", &set_schedule);
   m.def("emu_launches() -> int", &launches);
 }

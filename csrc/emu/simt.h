@@ -15,9 +15,10 @@
 //     every block's start as NaN bytes (0xff), and a launch may not ask for more than an
 //     sm_80 GPU allows (163 KiB). Static __shared__ arrays are plain statics: not poisoned;
 //   - a block of more than 1024 threads or an empty or oversized grid;
-//   - schedule dependence: `set_schedule(kReverse)` runs each round's threads in reverse
-//     order, so a test can run a kernel both ways and ask for equal bits (a race on shared
-//     memory between barriers shows up as a difference).
+//   - schedule dependence: `set_schedule(1)` runs each round's threads in reverse order,
+//     and `set_schedule(n)` for n >= 2 in an order shuffled by the seed n (each round and
+//     block its own), so a test can run a kernel several ways and ask for equal bits (a
+//     race on shared memory between barriers shows up as a difference).
 // mma.sync.m16n8k16 is computed from the PTX ISA's fragment layout, written here on its
 // own (not taken from csrc/tc.cuh), with the products summed in float32.
 //
@@ -38,7 +39,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -71,7 +74,8 @@ constexpr size_t kStackBytes = 256 * 1024;
 constexpr size_t kMaxDynamicSmem = 163 * 1024;
 
 enum class State { kReady, kBlockBarrier, kWarpBarrier, kDone };
-enum Schedule { kForward = 0, kReverse = 1 };
+// The order of the threads in each round: 0 forward, 1 reverse, n >= 2 shuffled with seed n.
+constexpr int64_t kForward = 0, kReverse = 1;
 
 struct Fiber {
   ucontext_t ctx;
@@ -105,7 +109,8 @@ struct Runtime {
   const void* body = nullptr;
   void (*run_body)(const void*) = nullptr;
   std::string error;
-  Schedule schedule = kForward;
+  int64_t schedule = kForward;
+  std::vector<size_t> order;
   unsigned long long launches = 0, switches = 0;
 };
 
@@ -114,7 +119,7 @@ inline Runtime& rt() {
   return r;
 }
 
-inline void set_schedule(Schedule s) { rt().schedule = s; }
+inline void set_schedule(int64_t s) { rt().schedule = s < 0 ? kForward : s; }
 inline unsigned long long launches() { return rt().launches; }
 
 [[noreturn]] inline void fail(const std::string& what) { throw std::runtime_error("SIMT emulator: " + what); }
@@ -369,9 +374,14 @@ inline void run_block() {
     makecontext(&f.ctx, fiber_entry, 0);
   }
   const size_t warps = (n + kLanes - 1) / kLanes;
+  r.order.resize(n);
+  for (size_t q = 0; q < n; ++q) r.order[q] = r.schedule == kReverse ? n - 1 - q : q;
+  std::mt19937_64 rng(static_cast<uint64_t>(r.schedule) * 0x9e3779b97f4a7c15ull ^
+                      (static_cast<uint64_t>(r.block_idx.x) << 32 | r.block_idx.y << 16 | r.block_idx.z));
   for (;;) {
+    if (r.schedule > kReverse) std::shuffle(r.order.begin(), r.order.end(), rng);
     for (size_t q = 0; q < n; ++q) {
-      const size_t i = r.schedule == kReverse ? n - 1 - q : q;
+      const size_t i = r.order[q];
       Fiber& f = r.fibers[i];
       if (f.state != State::kReady) continue;
       r.current = &f;
