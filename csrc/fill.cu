@@ -33,15 +33,17 @@ void launch(at::Tensor& out, double value) {
   const int64_t numel = out.numel();
   // Enough blocks to fill the GPU a few times over; the grid-stride loop does the rest.
 #ifdef PROPER_EMU
-  const int64_t max_blocks = 32LL * 132;  // the emulated GPU: an H100 SXM's SMs
-  const int blocks = static_cast<int>(std::min((numel + kThreads - 1) / kThreads, max_blocks));
-  simt::launch(fill_kernel<scalar_t>, dim3(blocks), dim3(kThreads), 0, out.data_ptr<scalar_t>(), numel,
-               static_cast<scalar_t>(static_cast<float>(value)));
+  const int64_t sms = kEmulatedSms;
 #else
-  const int64_t max_blocks = 32LL * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+#endif
+  const int64_t max_blocks = 32 * sms;
   const int blocks = static_cast<int>(std::min((numel + kThreads - 1) / kThreads, max_blocks));
-  fill_kernel<scalar_t><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      out.data_ptr<scalar_t>(), numel, static_cast<scalar_t>(static_cast<float>(value)));
+  const scalar_t v = static_cast<scalar_t>(static_cast<float>(value));
+#ifdef PROPER_EMU
+  simt::launch(fill_kernel<scalar_t>, dim3(blocks), dim3(kThreads), 0, out.data_ptr<scalar_t>(), numel, v);
+#else
+  fill_kernel<scalar_t><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(out.data_ptr<scalar_t>(), numel, v);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 #endif
 }

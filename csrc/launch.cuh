@@ -136,19 +136,23 @@ template <auto Kernel>
 void allow_smem(size_t bytes, const char* what) {
   if (bytes <= 48 * 1024) return;
 #ifdef PROPER_EMU
-  TORCH_CHECK(bytes <= simt::kMaxDynamicSmem, "proper::", what, ": this shape needs ", bytes,
-              " bytes of shared memory per block, more than the ", simt::kMaxDynamicSmem, " an sm_80 GPU allows");
+  const int device = 0;
+  const int max_optin = static_cast<int>(simt::kMaxDynamicSmem);  // the emulated GPU: an sm_80's
 #else
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   int max_optin = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+#endif
   TORCH_CHECK(bytes <= static_cast<size_t>(max_optin), "proper::", what, ": this shape needs ", bytes,
               " bytes of shared memory per block, more than the ", max_optin, " this GPU allows");
+#ifndef PROPER_EMU
   static std::atomic<bool> done[64];
   if (device < 64 && done[device].load()) return;
   C10_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_optin));
   if (device < 64) done[device].store(true);
+#else
+  (void)device;
 #endif
 }
 

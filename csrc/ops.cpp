@@ -115,8 +115,7 @@ void dispatch_tag(const Tensor& t, F&& f) {
 
 #ifdef PROPER_EMU
 cudaStream_t stream_of(const Tensor&) { return nullptr; }
-// The emulated GPU's SMs: an H100 SXM's.
-int64_t sm_count() { return 132; }
+int64_t sm_count() { return kEmulatedSms; }
 #else
 cudaStream_t stream_of(const Tensor& t) { return at::cuda::getCurrentCUDAStream(t.device().index()); }
 int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }

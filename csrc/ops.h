@@ -119,4 +119,10 @@ constexpr int kPrefillMaxExperts = 256;
 // Largest number of experts the warp-per-token router handles.
 constexpr int kMaxExperts = 1024;
 
+#ifdef PROPER_EMU
+// The SMs of the GPU that the CPU emulator (csrc/emu/simt.h) stands for, an H100 SXM's: the
+// launchers that size their grids by the SM count read this.
+constexpr int64_t kEmulatedSms = 132;
+#endif
+
 }  // namespace proper

@@ -111,7 +111,7 @@ struct Runtime {
   std::string error;
   int64_t schedule = kForward;
   std::vector<size_t> order;
-  unsigned long long launches = 0, switches = 0;
+  unsigned long long launches = 0;
 };
 
 inline Runtime& rt() {
@@ -124,20 +124,20 @@ inline unsigned long long launches() { return rt().launches; }
 
 [[noreturn]] inline void fail(const std::string& what) { throw std::runtime_error("SIMT emulator: " + what); }
 
-inline std::string where(const Fiber& f) {
-  const Runtime& r = rt();
-  return "block (" + std::to_string(r.block_idx.x) + "," + std::to_string(r.block_idx.y) + "," +
-         std::to_string(r.block_idx.z) + ") thread (" + std::to_string(f.tid.x) + "," + std::to_string(f.tid.y) +
-         "," + std::to_string(f.tid.z) + ")";
+inline std::string triple(const uint3& v) {
+  return "(" + std::to_string(v.x) + "," + std::to_string(v.y) + "," + std::to_string(v.z) + ")";
 }
 
-// Back to the scheduler, waiting in `s` (kReady: a plain yield).
+inline std::string block_name() { return "block " + triple(rt().block_idx); }
+
+inline std::string where(const Fiber& f) { return block_name() + " thread " + triple(f.tid); }
+
+// Back to the scheduler, waiting in `s`.
 inline void wait(State s, const char* at) {
   Runtime& r = rt();
   Fiber* f = r.current;
   f->state = s;
   f->at = at;
-  ++r.switches;
   swapcontext(&f->ctx, &r.main);
 }
 
@@ -148,19 +148,13 @@ inline void wait(State s, const char* at) {
   for (;;) wait(State::kDone, "aborted");
 }
 
-inline int lane_id() {
+// The current thread's linear index in its block: its fiber's (launch() numbers them so).
+inline size_t linear_id() {
   const Runtime& r = rt();
-  const Fiber& f = *r.current;
-  const unsigned linear = f.tid.x + r.block_dim.x * (f.tid.y + r.block_dim.y * f.tid.z);
-  return static_cast<int>(linear % kLanes);
+  return static_cast<size_t>(r.current - r.fibers.data());
 }
-
-inline int warp_id() {
-  const Runtime& r = rt();
-  const Fiber& f = *r.current;
-  const unsigned linear = f.tid.x + r.block_dim.x * (f.tid.y + r.block_dim.y * f.tid.z);
-  return static_cast<int>(linear / kLanes);
-}
+inline int lane_id() { return static_cast<int>(linear_id() % kLanes); }
+inline int warp_id() { return static_cast<int>(linear_id() / kLanes); }
 
 // A warp collective: this lane's words in, the warp's words (of every lane) out.
 inline const uint32_t (*collective(const char* kind, unsigned mask, const uint32_t* mine, int n))[12] {
@@ -402,8 +396,7 @@ inline void run_block() {
         fail("a warp collective in a partial warp (block of " + std::to_string(n) + " threads)");
       if (waiting + done == hi - lo && done > 0)
         fail(std::string("warp ") + std::to_string(w) + ": " + std::to_string(waiting) + " lanes at " +
-             r.fibers[lo].at + " while " + std::to_string(done) + " lanes have exited (block (" +
-             std::to_string(r.block_idx.x) + "," + std::to_string(r.block_idx.y) + "))");
+             r.fibers[lo].at + " while " + std::to_string(done) + " lanes have exited (" + block_name() + ")");
       if (waiting == hi - lo) {
         for (size_t i = lo; i < hi; ++i) r.fibers[i].state = State::kReady;
         released = true;
@@ -423,11 +416,10 @@ inline void run_block() {
       }
       if (exited > 0)  // undefined in CUDA: __syncthreads must be reached by every thread
         fail("__syncthreads reached by " + std::to_string(n - exited) + " threads while " + std::to_string(exited) +
-             " have exited (block (" + std::to_string(r.block_idx.x) + "," + std::to_string(r.block_idx.y) + "))");
+             " have exited (" + block_name() + ")");
       continue;
     }
-    fail("deadlock: threads wait at different barriers (block (" + std::to_string(r.block_idx.x) + "," +
-         std::to_string(r.block_idx.y) + "):" + states() + ")");
+    fail("deadlock: threads wait at different barriers (" + block_name() + ":" + states() + ")");
   }
 }
 
@@ -447,8 +439,7 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&... arg
   const size_t threads = static_cast<size_t>(block.x) * block.y * block.z;
   if (threads == 0 || threads > 1024) fail("a block of " + std::to_string(threads) + " threads");
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535)
-    fail("an invalid grid (" + std::to_string(grid.x) + "," + std::to_string(grid.y) + "," + std::to_string(grid.z) +
-         ")");
+    fail("an invalid grid " + triple(uint3{grid.x, grid.y, grid.z}));
   if (smem > kMaxDynamicSmem)
     fail("a launch asks for " + std::to_string(smem) + " bytes of dynamic shared memory, more than sm_80's " +
          std::to_string(kMaxDynamicSmem));

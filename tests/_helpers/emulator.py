@@ -22,6 +22,7 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 NAME = "proper_emu"
+SOURCES = [CSRC / "ops.cpp"] + [CSRC / "emu" / f for f in ("kernels.cpp", "fill.cpp", "selftest.cpp")]
 # UndefinedBehaviorSanitizer, fatal: a misaligned access (a 16-byte vector load from an
 # address a GPU would fault on) and an index past a fixed-size array (a kernel's per-thread
 # registers) stop the process with the source line.
@@ -96,7 +97,7 @@ def load(address=None):
     try:
         cpp_extension.load(
             name=NAME + ("_asan" if address else ""),
-            sources=[str(CSRC / "ops.cpp")] + [str(CSRC / "emu" / f) for f in ("kernels.cpp", "fill.cpp", "selftest.cpp")],
+            sources=[str(f) for f in SOURCES],
             extra_cflags=["-DPROPER_EMU", "-O2", "-fno-strict-aliasing", *sanitize, f"-I{include}", f"-I{CSRC}"],
             extra_ldflags=sanitize,
             build_directory=str(build),
