@@ -12,10 +12,12 @@ Design: docs/DESIGN.md#backends (the backends and their shared op contract).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional, Union
 
@@ -55,9 +57,41 @@ def _triton_available(device: torch.device, dtype: Optional[torch.dtype]) -> Opt
         return None
     if device.type == "cpu":
         if os.environ.get("TRITON_INTERPRET", "0") == "1":
-            return None
+            return _installed_interpreter_problem()
         return "Triton needs a CUDA device; on the CPU it runs only under the interpreter (TRITON_INTERPRET=1)"
     return f"Triton does not run on {device.type} tensors"
+
+
+def _version(v: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as '3.6.0' or '2.4.0rc1'."""
+    parts = re.findall(r"\d+", v)[:2]
+    return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
+
+
+def interpreter_problem(triton_version: Optional[str] = None, numpy_version: Optional[str] = None) -> Optional[str]:
+    """None, or why the Triton interpreter cannot run our kernels with these versions.
+
+    triton 3.6's interpreter turns a program id into a Python int with ``int()`` on a
+    one-element array, which NumPy 2.4 refuses (TypeError: only 0-dimensional arrays can be
+    converted to Python scalars), so every kernel whose loop bounds depend on a program id
+    fails. triton 3.7 squeezes the array first."""
+    if triton_version is None:
+        import triton
+
+        triton_version = triton.__version__
+    if numpy_version is None:
+        import numpy
+
+        numpy_version = numpy.__version__
+    if _version(triton_version) < (3, 7) and _version(numpy_version) >= (2, 4):
+        return (f"the interpreter of triton {triton_version} fails with numpy {numpy_version} (it converts "
+                "one-element arrays with int()); use triton >= 3.7, or numpy < 2.4 with this triton")
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _installed_interpreter_problem() -> Optional[str]:
+    return interpreter_problem()
 
 
 def _cuda_available(device: torch.device, dtype: Optional[torch.dtype]) -> Optional[str]:

@@ -9,6 +9,19 @@ from _helpers import emulator
 from _helpers.models import ALL_MODELS, ModelSpec
 
 
+def pytest_sessionstart(session):
+    """Under TRITON_INTERPRET=1 with a triton whose interpreter cannot run our kernels, stop
+    with the reason in one line instead of hundreds of failures of the same cause."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        from proper_kernels.dispatch import interpreter_problem
+
+        why = interpreter_problem()
+        if why is not None:
+            pytest.exit(f"TRITON_INTERPRET=1: {why}", returncode=4)
+
+
 @pytest.fixture(params=ALL_MODELS, ids=lambda s: s.name)
 def spec(request) -> ModelSpec:
     return request.param

@@ -67,6 +67,34 @@ def test_unavailable_backend_is_a_clear_error():
         proper_kernels.select_backend("triton", "cpu", torch.float64)
 
 
+@pytest.mark.parametrize(
+    "triton_version, numpy_version, refused",
+    [("3.6.0", "2.4.0", True), ("3.6.1", "2.5.2", True), ("3.6.0", "2.3.5", False), ("3.7.1", "2.4.6", False),
+     ("3.8.0", "2.5.0rc1", False), ("3.10.0", "3.0.0", False)],
+)
+def test_interpreter_versions_that_cannot_run_the_kernels(triton_version, numpy_version, refused):
+    from proper_kernels.dispatch import interpreter_problem
+
+    why = interpreter_problem(triton_version, numpy_version)
+    if refused:
+        assert f"triton {triton_version}" in why and f"numpy {numpy_version}" in why and "triton >= 3.7" in why
+    else:
+        assert why is None
+
+
+def test_triton_on_a_broken_interpreter_is_a_clear_error_and_auto_stays_on_torch(monkeypatch):
+    from proper_kernels import dispatch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(dispatch, "_installed_interpreter_problem", lambda: "the interpreter of triton 3.6.0 fails")
+    if dispatch._TRITON_ERROR is not None:
+        pytest.skip(dispatch._TRITON_ERROR)
+    assert "triton" not in proper_kernels.available_backends("cpu", torch.float32)
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run on cpu.*triton 3.6.0 fails"):
+        proper_kernels.proper_linear(**case32(), backend="triton")
+    assert proper_kernels.select_backend("auto", "cpu", torch.float32) == "torch"
+
+
 def test_router_topk_rejects_bad_input():
     with pytest.raises(ValueError, match="logits must have 2 dimensions"):
         proper_kernels.router_topk(torch.ones(3), 1)
