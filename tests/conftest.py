@@ -9,7 +9,8 @@ from _helpers import emulator
 from _helpers.models import ALL_MODELS, ModelSpec
 
 
-def pytest_sessionstart(session):
+@pytest.fixture(scope="session", autouse=True)
+def triton_interpreter_works():
     """Under TRITON_INTERPRET=1 with a triton whose interpreter cannot run our kernels, stop
     with the reason in one line instead of hundreds of failures of the same cause."""
     import os
