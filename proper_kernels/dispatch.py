@@ -76,6 +76,8 @@ def interpreter_problem(triton_version: Optional[str] = None, numpy_version: Opt
     converted to Python scalars), so every kernel whose loop bounds depend on a program id
     fails. triton 3.7 squeezes the array first."""
     if triton_version is None:
+        if importlib.util.find_spec("triton") is None:
+            return None  # the backend says "triton is not installed"
         import triton
 
         triton_version = triton.__version__
