@@ -16,7 +16,6 @@ import functools
 import importlib.util
 import logging
 import math
-import os
 import re
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional, Union
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _checks, auto_table, cuda_backend, reference
+from . import _checks, auto_table, cuda_backend, launch, reference
 from .plan import BatchPlan, check_plan
 from .reference import Routing
 
@@ -56,7 +55,7 @@ def _triton_available(device: torch.device, dtype: Optional[torch.dtype]) -> Opt
     if device.type == "cuda":
         return None
     if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        if launch.interpreting():
             return _installed_interpreter_problem()
         return "Triton needs a CUDA device; on the CPU it runs only under the interpreter (TRITON_INTERPRET=1)"
     return f"Triton does not run on {device.type} tensors"

@@ -13,11 +13,10 @@ from _helpers.models import ALL_MODELS, ModelSpec
 def triton_interpreter_works():
     """Under TRITON_INTERPRET=1 with a triton whose interpreter cannot run our kernels, stop
     with the reason in one line instead of hundreds of failures of the same cause."""
-    import os
+    from proper_kernels.dispatch import interpreter_problem
+    from proper_kernels.launch import interpreting
 
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        from proper_kernels.dispatch import interpreter_problem
-
+    if interpreting():
         why = interpreter_problem()
         if why is not None:
             pytest.exit(f"TRITON_INTERPRET=1: {why}", returncode=4)
