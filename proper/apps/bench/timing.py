@@ -12,6 +12,7 @@ so that each function is timed for about ``budget_ms`` (at least ``rounds`` runs
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Mapping, Optional, Sequence
@@ -150,3 +151,52 @@ def measure_peaks(device: torch.device, dtype: torch.dtype, quick: bool) -> dict
             "matmul": f"{n}x{n}x{n} {str(dtype).replace('torch.', '')} matmul, median",
             "copy_gbps": 2 * m * 4 / (t["copy"].median_ms * 1e-3) / 1e9,
             "copy": f"copy_ of {m * 4 >> 20} MiB fp32 (read + write), median"}
+
+
+class HostSyncError(RuntimeError):
+    """A host sync inside a region that must not have one (see :func:`no_host_sync`)."""
+
+
+# The Tensor methods that read a value on the host, so that on CUDA they wait for the device.
+_HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy")
+
+
+@contextlib.contextmanager
+def no_host_sync(device: torch.device):
+    """Raise HostSyncError on a host sync inside the block.
+
+    On CUDA this is ``torch.cuda.set_sync_debug_mode("error")``, which catches every sync,
+    inside torch's ops too. On the CPU nothing syncs, so the block instead refuses the
+    Python-level reads that would sync on a GPU (``item``, ``tolist``, ``bool``/``int``/
+    ``float`` of a tensor, ``.cpu()``, ``.numpy()``, ``torch.cuda.synchronize``): the same
+    code then fails here as it would under the debug mode there (a sync inside torch's C++
+    ops, such as ``nonzero``, is seen only on CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        except RuntimeError as e:
+            if "synchroniz" in str(e):
+                raise HostSyncError(str(e)) from e
+            raise
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        return
+    saved = {n: getattr(torch.Tensor, n) for n in _HOST_READS}
+    saved_sync = torch.cuda.synchronize
+
+    def refuse(name):
+        def f(*args, **kwargs):
+            raise HostSyncError(f"Tensor.{name}() reads a value on the host: a host sync on a GPU")
+        return f
+
+    try:
+        for n in _HOST_READS:
+            setattr(torch.Tensor, n, refuse(n))
+        torch.cuda.synchronize = refuse("cuda.synchronize")
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)
+        torch.cuda.synchronize = saved_sync
