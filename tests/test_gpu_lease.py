@@ -1,0 +1,184 @@
+"""The GPU lease script (benchmarks/run_gpu.sh -> benchmarks/lease.py), tested on the CPU by
+its dry run, so that its first meeting with a GPU is not its first run: at most 8 files in
+$OUT, each under 16 MiB; every phase listed in status.json; a budget that runs out keeps
+what the phases before it measured; a failed build skips the CUDA phases with its log's
+tail; a SIGTERM still packs the results. And the correctness phase's own checks fail on a
+wrong or unwritten result."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import gpu_correct, lease
+from benchmarks.rows import RowSink, read_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_FILES, MAX_BYTES = 8, 16 << 20
+
+
+def run_lease(out: Path, *args, timeout=600):
+    env = dict(os.environ, OUT=str(out))
+    t0 = time.time()
+    proc = subprocess.run(["bash", "benchmarks/run_gpu.sh", "--dry-run", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    return proc, time.time() - t0
+
+
+def check_files(out: Path) -> tuple[dict, dict]:
+    files = [f for f in out.rglob("*") if f.is_file()]
+    assert sorted(f.name for f in files) == ["logs.tar.gz", "results.json", "status.json"], files
+    assert len(files) <= MAX_FILES and all(f.stat().st_size < MAX_BYTES for f in files)
+    status = json.loads((out / "status.json").read_text())
+    results = json.loads((out / "results.json").read_text())
+    for p in status["phases"]:
+        assert set(p) >= {"name", "state", "seconds", "summary"} and p["state"] in lease.STATES, p
+        assert isinstance(p["summary"], str) and "\n" not in p["summary"]
+    for key in ("device", "versions", "budget_s", "date"):
+        assert key in status and key in results
+    return status, results
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lease")
+    proc, seconds = run_lease(out)
+    return out, proc, seconds
+
+
+def test_the_dry_run_lists_every_phase_in_at_most_three_files(dry_run):
+    out, proc, _ = dry_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    status, results = check_files(out)
+    names = [p["name"] for p in status["phases"]]
+    assert names == ["build"] + [p.name for p in lease.PHASES if p.default]
+    by = {p["name"]: p for p in status["phases"]}
+    assert by["build"]["state"] == "ok", by["build"]
+    for name in ("correct-triton", "correct-cuda", "lane", "goals-triton", "goals-cuda"):
+        assert by[name]["state"] == "ok", by[name]
+    for name in ("memcheck-small", "memcheck-tiles", "racecheck"):
+        assert by[name]["state"] == "skipped" and "GPU" in by[name]["summary"]
+    # Every case of both correctness phases has its row, within tolerance on the CPU.
+    correct = [r for r in results["rows"] if r.get("phase", "").startswith("correct-")]
+    assert {r["case"] for r in correct if r["backend"] == "triton"} == {c.name for c in gpu_correct.CASES}
+    assert all(r["state"] == "ok" for r in correct)
+    assert any(r.get("phase") == "goals-triton" for r in results["rows"])
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        logs = tar.getnames()
+    assert {f"logs/{n}.log" for n in ("build", "correct-triton", "lane", "goals-triton")} <= set(logs)
+
+
+def test_a_short_budget_times_out_and_keeps_the_phases_before(tmp_path):
+    proc, seconds = run_lease(tmp_path, "--budget", "30")
+    assert seconds < 90, seconds
+    status, results = check_files(tmp_path)
+    phases = status["phases"]
+    assert [p["name"] for p in phases] == ["build"] + [p.name for p in lease.PHASES if p.default]
+    states = [p["state"] for p in phases[1:]]
+    assert "timeout" in states or "skipped" in states
+    first = phases[1]
+    assert first["name"] == "correct-triton" and first["state"] == "ok", first
+    assert sum(r.get("phase") == "correct-triton" for r in results["rows"]) == len(gpu_correct.CASES)
+    assert proc.returncode in (0, 3), proc.stdout[-2000:]  # 3: a phase timed out, none failed
+
+
+def test_a_sigterm_still_packs_the_results(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path))
+    proc = subprocess.Popen(["bash", "benchmarks/run_gpu.sh", "--dry-run"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "status.json").exists():
+        time.sleep(0.2)
+    time.sleep(4)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=60)
+    status, _ = check_files(tmp_path)
+    states = {p["name"]: p["state"] for p in status["phases"]}
+    assert set(states) == {"build"} | {p.name for p in lease.PHASES if p.default}
+    assert any(s in ("timeout", "skipped") for s in states.values())
+
+
+def test_a_failed_build_skips_the_cuda_phases_with_its_log(tmp_path):
+    run = lease.Run(dry_run=False, work=tmp_path, cores=2)
+    build = lease.Build(run)
+    build.log.write_text("nvcc fatal   : Unsupported gpu architecture 'compute_99'\n")
+    build.started = time.time()
+    build.proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(1)"])
+    le = lease.Lease(run, tmp_path / "out", 60.0, [lease.PHASES[2]], build=build)
+    rec = le.run_phase(lease.PHASES[2])
+    assert lease.PHASES[2].needs_build
+    assert rec["state"] == "skipped" and rec["summary"].startswith("the build failed")
+    assert "Unsupported gpu architecture" in (tmp_path / "correct-cuda.log").read_text()
+
+
+def test_the_cli_refuses_bad_flags_in_one_line_and_leaves_out_as_it_was(tmp_path):
+    (tmp_path / "status.json").write_text("an earlier lease's")
+    for args, word in ((["--budget", "-5"], "--budget"), (["--phase", "nope"], "--phase"), (["--budget", "x"], "--budget")):
+        proc = subprocess.run(["bash", "benchmarks/run_gpu.sh", "--dry-run", *args], cwd=ROOT, capture_output=True,
+                              text=True, env=dict(os.environ, OUT=str(tmp_path)), timeout=120)
+        assert proc.returncode == 2 and word in proc.stderr.splitlines()[-1] and "Traceback" not in proc.stderr
+    assert [f.name for f in tmp_path.iterdir()] == ["status.json"]
+    assert (tmp_path / "status.json").read_text() == "an earlier lease's"
+
+
+# -- the correctness phase's checks ------------------------------------------------------
+
+def _tiny(name):
+    return next(c for c in gpu_correct.CASES if c.name == name).tiny()
+
+
+@pytest.mark.parametrize("name", ["odd-dims-fp16", "headline-fp32"])
+def test_the_correctness_check_fails_a_wrong_or_unwritten_result(monkeypatch, name):
+    c = replace(_tiny(name), dtype="float32")
+    assert gpu_correct.run_case(c, "torch", torch.device("cpu"))["state"] == "ok"
+
+    def wrong(scale, nan):
+        def fn(**kw):
+            from proper_kernels import reference
+
+            y, routing = reference.proper_linear(**kw)
+            y = y * scale
+            if nan:
+                y = y.clone()
+                y.view(-1)[-1] = float("nan")
+            return y, routing
+        return fn
+
+    for scale, nan in ((1.01, False), (1.0, True)):
+        monkeypatch.setattr(gpu_correct, "backend_fn", lambda backend, case, s=scale, n=nan: wrong(s, n))
+        got = gpu_correct.run_case(c, "triton", torch.device("cpu"))
+        assert got["state"] == "fail" and "y" in got["failing"], (scale, nan, got)
+
+
+def test_a_case_past_its_timeout_is_recorded_and_the_rest_still_run(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_correct", "--backend", "triton", "--dry-run",
+                           "--workers", "1", "--case-timeout", "0.3", "--only", "T1-bf16", "E1-bf16",
+                           "--rows", str(rows)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    got = read_rows(rows)
+    assert proc.returncode == 1 and [r["case"] for r in got] == ["T1-bf16", "E1-bf16"]
+    assert all(r["state"] == "timeout" for r in got), got
+    assert proc.stdout.strip().splitlines()[-1].startswith("summary: triton: 0/2")
+
+
+def test_rows_are_appended_as_they_come_and_a_cut_line_is_dropped(tmp_path):
+    sink = RowSink(tmp_path / "r.jsonl", phase="p")
+    sink.write({"a": 1, "x": float("nan")})
+    assert read_rows(tmp_path / "r.jsonl") == [{"a": 1, "x": "nan", "phase": "p"}]
+    with (tmp_path / "r.jsonl").open("a") as f:
+        f.write('{"b": ')  # a kill mid-line
+    assert len(read_rows(tmp_path / "r.jsonl")) == 1
+
+
+def test_the_lease_compiles_about_150_triton_kernels_or_fewer():
+    """The lease's budget assumes it (benchmarks/README.md: the lease plan)."""
+    n = gpu_correct.specializations(list(gpu_correct.CASES))
+    assert 50 <= n <= 150, n
