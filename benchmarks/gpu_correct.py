@@ -326,24 +326,27 @@ def run_all(cases: list[Case], backend: str, opts) -> list[dict]:
 
 # -- counting the compiles ---------------------------------------------------------------
 
-def specializations(cases: list[Case], dtypes: bool = True, target: str = "sm90") -> int:
-    """Distinct Triton kernel specializations the cases compile on a GPU, from the launches
-    the cost model records on meta tensors (every router and the bank on: a close upper
-    bound): kernel, constexprs, warps, stages, argument dtypes, and the JIT's integer
-    specialization (== 1, divisible by 16)."""
-    import torch
-
+def recorded(c: Case, target: str = "sm90") -> list:
+    """The Triton launches of case `c` on a GPU of `target`, as the cost model records them on
+    meta tensors (every router and the bank on: the same kernels, or a superset)."""
     from proper_kernels import cost
+
+    seq = c.seq_len or 1
+    cc = cost.Case(c.name, c.T, c.d_in, c.d_out, c.E, c.k, c.r, max(c.r_u, 1), min(c.users, c.T // seq),
+                   not c.seq_len, True)
+    fwd, bwd = cost.record_call(cc, c.dtype, target)
+    return [ln for ln in fwd + (bwd if c.train else []) if hasattr(ln, "kernel")]
+
+
+def specializations(cases: list[Case], target: str = "sm90") -> int:
+    """Distinct Triton kernel specializations the cases compile on a GPU (:func:`recorded`):
+    kernel, constexprs, warps, stages, argument dtypes, and the JIT's integer specialization
+    (== 1, divisible by 16)."""
+    import torch
 
     keys = set()
     for c in cases:
-        seq = c.seq_len or 1
-        cc = cost.Case(c.name, c.T, c.d_in, c.d_out, c.E, c.k, c.r, max(c.r_u, 1), min(c.users, c.T // seq),
-                       not c.seq_len, True)
-        fwd, bwd = cost.record_call(cc, c.dtype, target)
-        for ln in fwd + (bwd if c.train else []):
-            if not hasattr(ln, "kernel"):
-                continue
+        for ln in recorded(c, target):
             sig = tuple(str(a.dtype) if isinstance(a, torch.Tensor) else
                         (a == 1, a % 16 == 0) if isinstance(a, int) and not isinstance(a, bool) else type(a).__name__
                         for a in ln.args)

@@ -136,6 +136,43 @@ def _lane(run: Run) -> list:
     return [PY, "-m", "benchmarks.gpu_lane", "--rows", run.rows("lane")] + (["--dry-run"] if run.dry_run else [])
 
 
+# Triton kernels compiled before the lease (benchmarks/lease_cache.py prepare, in a venv with
+# the image's torch and triton) are carried here; the lease's own Triton cache is LEASE_CACHE.
+CARRIED_CACHE = ROOT / "build/lease/triton-cache-sm90"
+LEASE_CACHE = ROOT / "build/lease/triton-cache"
+
+
+def _cache_install(run: Run) -> Optional[list]:
+    if run.dry_run or not (CARRIED_CACHE / "lease-cache.json").exists():
+        return None
+    return [PY, "-m", "benchmarks.lease_cache", "install", str(CARRIED_CACHE), "--cache-dir", str(LEASE_CACHE),
+            "--launchers", "--jobs", str(run.cores)]
+
+
+def _age(cache: Path) -> None:
+    """Every file of the cache last read at the epoch, so that a read during the lease shows in
+    its access time (a cache hit; relatime updates an access time older than the change)."""
+    for f in cache.rglob("*.json"):
+        os.utime(f, (0, f.stat().st_mtime))
+
+
+def cache_report(installed: list) -> dict:
+    """The lease's Triton cache: kernels carried, installed (the entry directories `installed`),
+    compiled during the lease, and the installed ones the runtime read (hits)."""
+    from benchmarks import lease_cache
+
+    def read(entry: Path) -> bool:
+        return any(f.stat().st_atime > 1 for f in entry.glob("*.json") if not f.name.startswith("__grp__"))
+
+    total = lease_cache.count(LEASE_CACHE) if LEASE_CACHE.exists() else 0
+    return dict(dir=str(LEASE_CACHE.relative_to(ROOT)),
+                carried=lease_cache.count(CARRIED_CACHE) if CARRIED_CACHE.exists() else 0,
+                installed=len(installed), kernels_now=total, compiled_in_lease=max(0, total - len(installed)),
+                hits=sum(read(LEASE_CACHE / e) for e in installed),
+                hits_method="installed kernels whose metadata was read during the lease (access times set to "
+                            "the epoch at install; 0 on a file system mounted noatime)")
+
+
 def _suite(run: Run) -> Optional[list]:
     if run.dry_run:
         return None
@@ -165,6 +202,10 @@ def _bench_router(run: Run) -> Optional[list]:
 # lane, the speed goals, the sanitizer. The limits sum to more than the budget on purpose: a
 # phase that finishes early leaves its time to the next.
 PHASES = (
+    Phase("triton-cache", "the Triton kernels compiled before the lease, put where the runtime finds them, and "
+          "their C launchers built", _cache_install, 30, 1,
+          why_not="no carried cache (build/lease/triton-cache-sm90, from `python -m benchmarks.lease_cache prepare` "
+          "with the image's torch and triton), or a dry run (the interpreter compiles nothing)"),
     Phase("correct-triton", "the Triton backend against the float64 reference: 17 curated cases, forward and every "
           "gradient", _correct("triton"), 150, 90, env=_interp),
     Phase("lane", "a training step under sync-debug 'error', the step in a CUDA graph, spills of the loaded kernels",
@@ -336,6 +377,7 @@ class Lease:
     header: dict = field(default_factory=dict)
     build: Optional[Build] = None
     current: Optional[tuple] = None  # (phase name, start time) while a phase runs
+    cache: Optional[list] = None  # the installed entries of the lease's Triton cache (on a GPU)
 
     def left(self) -> float:
         return self.budget_s - (time.time() - self.started)
@@ -389,6 +431,11 @@ class Lease:
                           seconds=round((time.time() - b.started) if running else b.seconds, 1),
                           summary="still running" if running else b.summary)]
         status = dict(self.header, seconds=round(time.time() - self.started, 1), phases=build + self.records)
+        if self.cache is not None:
+            try:
+                status["triton_cache"] = cache_report(self.cache)
+            except Exception as e:  # reported, never fatal
+                status["triton_cache"] = dict(error=f"{type(e).__name__}: {e}")
         _atomic_json(self.out / "status.json", status)
         rows = []
         for p in self.phases:
@@ -483,7 +530,11 @@ def main(argv=None) -> int:
         (out / name).unlink(missing_ok=True)
     run = Run(args.dry_run, Path(tempfile.mkdtemp(prefix="proper-lease-")), os.cpu_count() or 1)
     lease = Lease(run, out, args.budget, phases)
-    lease.header = header(run, args.budget, phases)
+    if not args.dry_run:  # one Triton cache for every phase, fresh, so that its counts are the lease's
+        shutil.rmtree(LEASE_CACHE, ignore_errors=True)
+        LEASE_CACHE.mkdir(parents=True)
+        os.environ["TRITON_CACHE_DIR"] = str(LEASE_CACHE)
+        lease.cache = []
 
     def stop(signum, _frame):
         raise SystemExit(128 + signum)
@@ -491,15 +542,19 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        if any(ph.needs_build for ph in phases):
+        if any(ph.needs_build for ph in phases):  # first of all: the build runs while the rest starts
             lease.build = Build(run)
             lease.build.start()
+        lease.header = header(run, args.budget, phases)
         lease.write()
         for ph in phases:
             print(f"== [{time.time() - lease.started:5.0f} s] {ph.name}: {ph.what}", flush=True)
             lease.current = (ph.name, time.time())
             rec = lease.run_phase(ph)
             lease.current = None
+            if ph.name == "triton-cache" and rec["state"] == "ok":
+                _age(LEASE_CACHE)
+                lease.cache = sorted(p.name for p in LEASE_CACHE.iterdir() if p.is_dir())
             lease.records.append(rec)
             print(f"   {rec['state']} in {rec['seconds']} s: {rec['summary']}", flush=True)
             lease.write()

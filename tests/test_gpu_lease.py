@@ -66,6 +66,7 @@ def test_the_dry_run_lists_every_phase_in_at_most_three_files(dry_run):
         assert by[name]["state"] == "ok", by[name]
     for name in ("memcheck-small", "memcheck-tiles", "racecheck"):
         assert by[name]["state"] == "skipped" and "GPU" in by[name]["summary"]
+    assert by["triton-cache"]["state"] == "skipped" and "dry run" in by["triton-cache"]["summary"]
     # Every case of both correctness phases has its row, within tolerance on the CPU.
     correct = [r for r in results["rows"] if r.get("phase", "").startswith("correct-")]
     assert {r["case"] for r in correct if r["backend"] == "triton"} == {c.name for c in gpu_correct.CASES}
@@ -84,7 +85,8 @@ def test_a_short_budget_times_out_and_keeps_the_phases_before(tmp_path):
     assert [p["name"] for p in phases] == ["build"] + [p.name for p in lease.PHASES if p.default]
     states = [p["state"] for p in phases[1:]]
     assert "timeout" in states or "skipped" in states
-    first = phases[1]
+    assert phases[1]["name"] == "triton-cache" and phases[1]["state"] == "skipped"  # nothing to install on the CPU
+    first = phases[2]
     assert first["name"] == "correct-triton" and first["state"] == "ok", first
     assert sum(r.get("phase") == "correct-triton" for r in results["rows"]) == len(gpu_correct.CASES)
     assert proc.returncode in (0, 3), proc.stdout[-2000:]  # 3: a phase timed out, none failed
@@ -112,9 +114,10 @@ def test_a_failed_build_skips_the_cuda_phases_with_its_log(tmp_path):
     build.log.write_text("nvcc fatal   : Unsupported gpu architecture 'compute_99'\n")
     build.started = time.time()
     build.proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(1)"])
-    le = lease.Lease(run, tmp_path / "out", 60.0, [lease.PHASES[2]], build=build)
-    rec = le.run_phase(lease.PHASES[2])
-    assert lease.PHASES[2].needs_build
+    phase = next(p for p in lease.PHASES if p.name == "correct-cuda")
+    le = lease.Lease(run, tmp_path / "out", 60.0, [phase], build=build)
+    rec = le.run_phase(phase)
+    assert phase.needs_build
     assert rec["state"] == "skipped" and rec["summary"].startswith("the build failed")
     assert "Unsupported gpu architecture" in (tmp_path / "correct-cuda.log").read_text()
 
@@ -182,3 +185,31 @@ def test_the_lease_compiles_about_150_triton_kernels_or_fewer():
     """The lease's budget assumes it (benchmarks/README.md: the lease plan)."""
     n = gpu_correct.specializations(list(gpu_correct.CASES))
     assert 50 <= n <= 150, n
+
+
+def test_the_cache_report_counts_the_installed_kernels_read_as_hits(tmp_path, monkeypatch):
+    carried, cache = tmp_path / "carried", tmp_path / "cache"
+    monkeypatch.setattr(lease, "CARRIED_CACHE", carried)
+    monkeypatch.setattr(lease, "LEASE_CACHE", cache)
+    monkeypatch.setattr(lease, "ROOT", tmp_path)
+
+    def entry(root, name):
+        d = root / name
+        d.mkdir(parents=True)
+        (d / "k.json").write_text("{}")
+        (d / "k.cubin").write_bytes(b"\0")
+        (d / "__grp__k.json").write_text(json.dumps({"child_paths": {n: str(d / n) for n in ("k.json", "k.cubin")}}))
+        return d
+
+    for name in ("A", "B", "C"):
+        entry(carried, name)
+        entry(cache, name)
+    lease._age(cache)
+    installed = sorted(p.name for p in cache.iterdir())
+    (cache / "B" / "k.json").read_text()  # the runtime's hit
+    entry(cache, "D")  # compiled during the lease
+    got = lease.cache_report(installed)
+    assert got["carried"] == 3 and got["installed"] == 3 and got["kernels_now"] == 4 and got["compiled_in_lease"] == 1
+    if os.stat(cache / "B" / "k.json").st_atime <= 1:
+        pytest.skip("this file system does not record access times (noatime)")
+    assert got["hits"] == 1
