@@ -88,18 +88,23 @@ def _interp(run: Run) -> dict:
     return {"TRITON_INTERPRET": "1"} if run.dry_run else {}
 
 
-def _sanitizer(tool: str, size: str):
+def _sanitizer_bin() -> Optional[str]:
+    return shutil.which("compute-sanitizer") or next(
+        (str(p) for p in (Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin/compute-sanitizer",)
+         if p.exists()), None)
+
+
+def _sanitizer(name: str, tool: str, size: str):
+    """(argv, env) of a compute-sanitizer phase (benchmarks.gpu_check.sanitizer_argv)."""
     def argv(run: Run) -> Optional[list]:
-        if run.dry_run:
+        if run.dry_run or _sanitizer_bin() is None:
             return None
         from benchmarks import gpu_check
 
         args, _ = gpu_check.sanitizer_argv(tool, size, cuda_only=tool == "racecheck")
-        return args + ["--rows", run.rows(f"{tool}-{size}")]
+        return [_sanitizer_bin()] + args[1:] + ["--rows", run.rows(name)]
 
     def env(run: Run) -> dict:
-        if run.dry_run:
-            return {}
         from benchmarks import gpu_check
 
         return gpu_check.sanitizer_argv(tool, size, cuda_only=tool == "racecheck")[1]
@@ -107,10 +112,11 @@ def _sanitizer(tool: str, size: str):
     return argv, env
 
 
-_MEMCHECK_SMALL = _sanitizer("memcheck", "small")
-_MEMCHECK_TILES = _sanitizer("memcheck", "tiles")
-_RACECHECK = _sanitizer("racecheck", "tiles")
-_NO_SANITIZER = "compute-sanitizer needs a GPU; the dry run skips it (the emulator's ASan build covers the CPU side)"
+_MEMCHECK_SMALL = _sanitizer("memcheck-small", "memcheck", "small")
+_MEMCHECK_TILES = _sanitizer("memcheck-tiles", "memcheck", "tiles")
+_RACECHECK = _sanitizer("racecheck", "racecheck", "tiles")
+_NO_SANITIZER = ("compute-sanitizer needs a GPU and the CUDA toolkit's compute-sanitizer (on PATH or in "
+                 "$CUDA_HOME/bin); a dry run skips it (the emulator's ASan build covers the CPU side)")
 
 
 def _correct(backend: str):
@@ -264,21 +270,27 @@ class Build:
             env = {"PROPER_BUILD_CUDA": "1", "MAX_JOBS": str(self.run.cores), "TORCH_CUDA_ARCH_LIST": arch}
         self.proc = _popen(argv, env, self.log)
 
+    def poll(self) -> None:
+        """Take the build's result once it has ended (the extension moved into place)."""
+        if self.state is not None or self.proc is None or self.proc.poll() is None:
+            return
+        rc = self.proc.returncode
+        self.seconds = time.time() - self.started
+        if rc != 0:
+            self.state, self.summary = "fail", f"exit status {rc}: " + _tail(self.log, 1)
+        elif self.run.dry_run:
+            self.state, self.summary = "ok", _summary_of(self.log) or "built"
+        else:
+            self.state, self.summary = _install_extension()
+
     def wait(self, limit_s: float) -> Optional[str]:
         """None once the build is in place; else why not (still running past `limit_s`, or failed)."""
         if self.state is None:
             try:
-                rc = self.proc.wait(timeout=max(0.0, limit_s))
+                self.proc.wait(timeout=max(0.0, limit_s))
             except subprocess.TimeoutExpired:
                 return f"the build was still running after a wait of {limit_s:.0f} s"
-            self.seconds = time.time() - self.started
-            self.state = "ok" if rc == 0 else "fail"
-            if rc == 0 and not self.run.dry_run:
-                self.state, self.summary = _install_extension()
-            elif rc != 0:
-                self.summary = f"exit status {rc}: " + _tail(self.log, 1)
-            if self.state == "ok" and not self.summary:
-                self.summary = _summary_of(self.log) or "built"
+            self.poll()
         if self.state == "ok":
             return None
         return "the build failed: " + self.summary + "\n--- build log, last lines:\n" + _tail(self.log, 25)
@@ -426,6 +438,7 @@ class Lease:
         build = []
         if self.build is not None:
             b = self.build
+            b.poll()
             running = b.state is None
             build = [dict(name="build", state="skipped" if running else b.state,
                           seconds=round((time.time() - b.started) if running else b.seconds, 1),
@@ -537,6 +550,8 @@ def main(argv=None) -> int:
         lease.cache = []
 
     def stop(signum, _frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop: a second signal must not cut the packing
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)

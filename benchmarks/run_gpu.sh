@@ -22,4 +22,16 @@ on_exit() {
     fi
 }
 trap on_exit EXIT
-"$PY" -m benchmarks.lease "$@"
+# The lease runs as a child; a SIGTERM or SIGINT to this script (or to its process group) is
+# passed on, and the script waits while the lease packs its results.
+child=""
+trap '[ -n "$child" ] && kill -TERM "$child" 2> /dev/null' TERM INT
+"$PY" -m benchmarks.lease "$@" &
+child=$!
+wait "$child"
+rc=$?
+while kill -0 "$child" 2> /dev/null; do
+    wait "$child"
+    rc=$?
+done
+exit "$rc"

@@ -101,11 +101,14 @@ def test_a_sigterm_still_packs_the_results(tmp_path):
         time.sleep(0.2)
     time.sleep(4)
     os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=60)
+    said = proc.communicate(timeout=60)[0]
     status, _ = check_files(tmp_path)
     states = {p["name"]: p["state"] for p in status["phases"]}
-    assert set(states) == {"build"} | {p.name for p in lease.PHASES if p.default}
+    assert set(states) == {"build"} | {p.name for p in lease.PHASES if p.default}, said
     assert any(s in ("timeout", "skipped") for s in states.values())
+    stopped = [p for p in status["phases"] if p["summary"].startswith("the lease was stopped")]
+    assert stopped and stopped[0]["state"] in ("timeout", "skipped"), status["phases"]
+    assert proc.returncode == 128 + signal.SIGTERM, said
 
 
 def test_a_failed_build_skips_the_cuda_phases_with_its_log(tmp_path):
