@@ -82,6 +82,7 @@ class Phase:
     env: Callable[[Run], dict] = lambda run: {}
     why_not: str = ""
     default: bool = True  # part of a lease without --phase
+    refused: tuple = ()  # log texts that mean the tool refused this machine: skipped, not failed
 
 
 def _interp(run: Run) -> dict:
@@ -115,6 +116,9 @@ def _sanitizer(name: str, tool: str, size: str):
 _MEMCHECK_SMALL = _sanitizer("memcheck-small", "memcheck", "small")
 _MEMCHECK_TILES = _sanitizer("memcheck-tiles", "memcheck", "tiles")
 _RACECHECK = _sanitizer("racecheck", "racecheck", "tiles")
+# compute-sanitizer refuses the device on some machines' runtimes (gVisor: "Device not
+# supported", then error 999 at the first allocation): that says nothing of our kernels.
+SANITIZER_REFUSED = ("Device not supported",)
 _NO_SANITIZER = ("compute-sanitizer needs a GPU and the CUDA toolkit's compute-sanitizer (on PATH or in "
                  "$CUDA_HOME/bin); a dry run skips it (the emulator's ASan build covers the CPU side)")
 
@@ -222,11 +226,14 @@ PHASES = (
           "a CUDA graph, per-kernel times", _goals("triton"), 100, 60, env=_interp),
     Phase("goals-cuda", "the speed goals on the CUDA backend", _goals("cuda"), 70, 60, needs_build=True),
     Phase("memcheck-small", "compute-sanitizer memcheck on our kernels, no caching allocator: one partial tile",
-          _MEMCHECK_SMALL[0], 60, 1, needs_build=True, env=_MEMCHECK_SMALL[1], why_not=_NO_SANITIZER),
+          _MEMCHECK_SMALL[0], 75, 1, needs_build=True, env=_MEMCHECK_SMALL[1], why_not=_NO_SANITIZER,
+          refused=SANITIZER_REFUSED),
     Phase("memcheck-tiles", "memcheck on a case of at least two tiles in every tiled dimension",
-          _MEMCHECK_TILES[0], 60, 1, needs_build=True, env=_MEMCHECK_TILES[1], why_not=_NO_SANITIZER),
+          _MEMCHECK_TILES[0], 75, 1, needs_build=True, env=_MEMCHECK_TILES[1], why_not=_NO_SANITIZER,
+          refused=SANITIZER_REFUSED),
     Phase("racecheck", "compute-sanitizer racecheck on the CUDA kernels that use block-shared memory",
-          _RACECHECK[0], 60, 1, needs_build=True, env=_RACECHECK[1], why_not=_NO_SANITIZER),
+          _RACECHECK[0], 60, 1, needs_build=True, env=_RACECHECK[1], why_not=_NO_SANITIZER,
+          refused=SANITIZER_REFUSED),
     # Later leases, each sized to one call: --phase NAME.
     Phase("suite", "the whole test suite on the GPU, spread over the cores", _suite, 540, 1, needs_build=True,
           why_not="the suite runs in CI itself", default=False),
@@ -337,7 +344,7 @@ def _popen(argv: list, env: dict, log: Path) -> subprocess.Popen:
         filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), **env)
     if env.get("TRITON_INTERPRET") != "1":  # only the phases that ask for the interpreter get it
         full.pop("TRITON_INTERPRET", None)
-    f = open(log, "ab")
+    f = open(log, "wb")
     f.write(("$ " + " ".join(str(a) for a in argv) + "\n").encode())
     f.flush()
     return subprocess.Popen([str(a) for a in argv], cwd=ROOT, env=full, stdout=f, stderr=subprocess.STDOUT,
@@ -420,6 +427,9 @@ class Lease:
             rc = proc.wait(timeout=limit)
             rec["state"] = "ok" if rc == 0 else "fail"
             rec["summary"] = _summary_of(log) + ("" if rc == 0 else f" (exit status {rc})")
+            said = next((t for t in phase.refused if rc != 0 and t in _tail(log, 400)), None)
+            if said is not None:
+                rec["state"], rec["summary"] = "skipped", f"the tool refused this machine: {said!r} in its log"
         except subprocess.TimeoutExpired:
             _kill(proc)
             rec["state"] = "timeout"
@@ -503,11 +513,14 @@ def header(run: Run, budget_s: float, phases: list) -> dict:
         q = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                            capture_output=True, text=True)
         driver = q.stdout.strip() or None
+    tools = {t: shutil.which(t) for t in ("nvcc", "ninja", "gcc", "nvidia-smi")}
+    tools["compute-sanitizer"] = _sanitizer_bin()
     git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     versions["proper_commit"] = git.stdout.strip() or "unknown"
     return dict(schema="proper.lease/1", date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
                 started_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"), dry_run=run.dry_run,
-                device=device, driver=driver, cores=run.cores, versions=versions, budget_s=budget_s,
+                device=device, driver=driver, kernel=platform.release(), cores=run.cores, versions=versions,
+                tools=tools, budget_s=budget_s,
                 command="bash benchmarks/run_gpu.sh " + " ".join(sys.argv[1:]),
                 planned=[p.name for p in phases])
 

@@ -6,8 +6,8 @@
 # benchmarks/results/ after a lease.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-export PATH="$PWD/build/lease/bin:$PATH"  # tools carried to the lent machine (ninja), when there
-PY="$(command -v python || command -v python3)"
+export PATH="$PWD/build/lease/bin:$PATH"  # tools carried to the lent machine, when there
+PY="$(command -v python3 || command -v python)"  # the lent machine's torch is its python3
 OUT="${OUT:-benchmarks/results/lease}"
 export OUT
 

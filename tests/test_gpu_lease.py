@@ -25,8 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 MAX_FILES, MAX_BYTES = 8, 16 << 20
 
 
+def lease_env(out: Path) -> dict:
+    """run_gpu.sh runs the first python on PATH: this test's."""
+    return dict(os.environ, OUT=str(out), PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]]))
+
+
 def run_lease(out: Path, *args, timeout=600):
-    env = dict(os.environ, OUT=str(out))
+    env = lease_env(out)
     t0 = time.time()
     proc = subprocess.run(["bash", "benchmarks/run_gpu.sh", "--dry-run", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
@@ -93,7 +98,7 @@ def test_a_short_budget_times_out_and_keeps_the_phases_before(tmp_path):
 
 
 def test_a_sigterm_still_packs_the_results(tmp_path):
-    env = dict(os.environ, OUT=str(tmp_path))
+    env = lease_env(tmp_path)
     proc = subprocess.Popen(["bash", "benchmarks/run_gpu.sh", "--dry-run"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 120
@@ -129,7 +134,7 @@ def test_the_cli_refuses_bad_flags_in_one_line_and_leaves_out_as_it_was(tmp_path
     (tmp_path / "status.json").write_text("an earlier lease's")
     for args, word in ((["--budget", "-5"], "--budget"), (["--phase", "nope"], "--phase"), (["--budget", "x"], "--budget")):
         proc = subprocess.run(["bash", "benchmarks/run_gpu.sh", "--dry-run", *args], cwd=ROOT, capture_output=True,
-                              text=True, env=dict(os.environ, OUT=str(tmp_path)), timeout=120)
+                              text=True, env=lease_env(tmp_path), timeout=120)
         assert proc.returncode == 2 and word in proc.stderr.splitlines()[-1] and "Traceback" not in proc.stderr
     assert [f.name for f in tmp_path.iterdir()] == ["status.json"]
     assert (tmp_path / "status.json").read_text() == "an earlier lease's"
@@ -216,3 +221,15 @@ def test_the_cache_report_counts_the_installed_kernels_read_as_hits(tmp_path, mo
     if os.stat(cache / "B" / "k.json").st_atime <= 1:
         pytest.skip("this file system does not record access times (noatime)")
     assert got["hits"] == 1
+
+
+def test_a_tool_that_refuses_the_machine_is_skipped_not_failed(tmp_path):
+    run = lease.Run(dry_run=False, work=tmp_path, cores=2)
+    said = "========= Error: Device not supported\nsummary: nothing ran"
+    phase = lease.Phase("memcheck-small", "a stand-in", lambda r: [sys.executable, "-c", f"print({said!r}); exit(3)"],
+                        30, 30, refused=lease.SANITIZER_REFUSED)
+    rec = lease.Lease(run, tmp_path / "out", 60.0, [phase]).run_phase(phase)
+    assert rec["state"] == "skipped" and "Device not supported" in rec["summary"], rec
+    phase = replace(phase, argv=lambda r: [sys.executable, "-c", "print('summary: 2 errors'); exit(3)"])
+    rec = lease.Lease(run, tmp_path / "out", 60.0, [phase]).run_phase(phase)
+    assert rec["state"] == "fail" and rec["summary"] == "2 errors (exit status 3)", rec
