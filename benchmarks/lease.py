@@ -83,6 +83,7 @@ class Phase:
     why_not: str = ""
     default: bool = True  # part of a lease without --phase
     refused: tuple = ()  # log texts that mean the tool refused this machine: skipped, not failed
+    embeds: bool = False  # the JSON files it writes under work/<name>/ go into results.json whole
 
 
 def _interp(run: Run) -> dict:
@@ -198,14 +199,14 @@ def _bench(run: Run) -> Optional[list]:
 def _bench_op(run: Run) -> Optional[list]:
     if run.dry_run:
         return None
-    return [PY, "-m", "benchmarks.bench_op", "--device", "cuda", "--dtype", "bf16", "--out", str(run.work / "op.json")]
+    return [PY, "-m", "benchmarks.bench_op", "--device", "cuda", "--dtype", "bf16", "--out", str(run.work / "bench-op" / "op.json")]
 
 
 def _bench_router(run: Run) -> Optional[list]:
     if run.dry_run:
         return None
     return [PY, "-m", "benchmarks.bench_router", "--device", "cuda", "--dtype", "bf16",
-            "--out", str(run.work / "router.json")]
+            "--out", str(run.work / "bench-router" / "router.json")]
 
 
 # The lease's phases, in the order they run: correctness first (both backends), then the
@@ -238,11 +239,11 @@ PHASES = (
     Phase("suite", "the whole test suite on the GPU, spread over the cores", _suite, 540, 1, needs_build=True,
           why_not="the suite runs in CI itself", default=False),
     Phase("bench", "proper bench --device cuda --quick (op, block, ~1B model)", _bench, 480, 1, needs_build=True,
-          why_not="a GPU benchmark", default=False),
+          why_not="a GPU benchmark", default=False, embeds=True),
     Phase("bench-op", "benchmarks.bench_op: the op's goal cases in every mode", _bench_op, 300, 1, needs_build=True,
-          why_not="a GPU benchmark", default=False),
+          why_not="a GPU benchmark", default=False, embeds=True),
     Phase("bench-router", "benchmarks.bench_router: router_topk against eager PyTorch", _bench_router, 120, 1,
-          why_not="a GPU benchmark", default=False),
+          why_not="a GPU benchmark", default=False, embeds=True),
 )
 PHASE_NAMES = tuple(p.name for p in PHASES)
 
@@ -463,7 +464,15 @@ class Lease:
         rows = []
         for p in self.phases:
             rows += read_rows(Path(self.run.rows(p.name)))
-        _atomic_json(self.out / "results.json", dict(self.header, rows=rows))
+        files = {}  # the JSON results of the phases that write files of their own (benchmarks)
+        for p in self.phases:
+            if p.embeds:
+                for f in sorted((self.run.work / p.name).rglob("*.json")):
+                    try:
+                        files[str(f.relative_to(self.run.work))] = json.loads(f.read_text())
+                    except (OSError, ValueError):
+                        continue
+        _atomic_json(self.out / "results.json", dict(self.header, rows=rows, **({"files": files} if files else {})))
         tmp = self.out / ".logs.tar.gz.tmp"
         with tarfile.open(tmp, "w:gz") as tar:
             for f in sorted(self.run.work.rglob("*")):

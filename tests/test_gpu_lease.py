@@ -233,3 +233,18 @@ def test_a_tool_that_refuses_the_machine_is_skipped_not_failed(tmp_path):
     phase = replace(phase, argv=lambda r: [sys.executable, "-c", "print('summary: 2 errors'); exit(3)"])
     rec = lease.Lease(run, tmp_path / "out", 60.0, [phase]).run_phase(phase)
     assert rec["state"] == "fail" and rec["summary"] == "2 errors (exit status 3)", rec
+
+
+def test_a_benchmark_phase_s_own_json_lands_in_results(tmp_path):
+    run = lease.Run(dry_run=False, work=tmp_path / "work", cores=2)
+    run.work.mkdir()
+    code = ("import json, pathlib, sys; p = pathlib.Path(sys.argv[1]); p.parent.mkdir(parents=True); "
+            "p.write_text(json.dumps({'rows': [{'median_ms': 1.5}]})); print('summary: 1 row')")
+    phase = lease.Phase("bench-op", "a stand-in", lambda r: [sys.executable, "-c", code, str(r.work / "bench-op/op.json")],
+                        30, 30, embeds=True)
+    le = lease.Lease(run, tmp_path / "out", 60.0, [phase])
+    le.records.append(le.run_phase(phase))
+    le.write()
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["files"] == {"bench-op/op.json": {"rows": [{"median_ms": 1.5}]}}
+    assert json.loads((tmp_path / "out" / "status.json").read_text())["phases"][0]["summary"] == "1 row"
