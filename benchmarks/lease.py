@@ -63,8 +63,10 @@ class Run:
     work: Path  # logs and rows, packed at the end
     cores: int
 
-    def rows(self, name: str) -> str:
-        return str(self.work / f"{name}.rows.jsonl")
+    def rows(self, name: str) -> Path:
+        """The rows file of phase `name` (the lease appends ``--rows`` with it to the phase's
+        command line)."""
+        return self.work / f"{name}.rows.jsonl"
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,12 @@ class Phase:
     default: bool = True  # part of a lease without --phase
     refused: tuple = ()  # log texts that mean the tool refused this machine: skipped, not failed
     embeds: bool = False  # the JSON files it writes under work/<name>/ go into results.json whole
+    rows: bool = True  # its command takes --rows FILE (rows.py), which the lease appends
+
+
+def _gpu_only(argv: Callable[[Run], list]) -> Callable[[Run], Optional[list]]:
+    """`argv` on a GPU; None (the phase does not run) in a dry run."""
+    return lambda run: None if run.dry_run else argv(run)
 
 
 def _interp(run: Run) -> dict:
@@ -96,15 +104,15 @@ def _sanitizer_bin() -> Optional[str]:
          if p.exists()), None)
 
 
-def _sanitizer(name: str, tool: str, size: str):
+def _sanitizer(tool: str, size: str):
     """(argv, env) of a compute-sanitizer phase (benchmarks.gpu_check.sanitizer_argv)."""
     def argv(run: Run) -> Optional[list]:
-        if run.dry_run or _sanitizer_bin() is None:
+        found = _sanitizer_bin()
+        if run.dry_run or found is None:
             return None
         from benchmarks import gpu_check
 
-        args, _ = gpu_check.sanitizer_argv(tool, size, cuda_only=tool == "racecheck")
-        return [_sanitizer_bin()] + args[1:] + ["--rows", run.rows(name)]
+        return [found] + gpu_check.sanitizer_argv(tool, size, cuda_only=tool == "racecheck")[0][1:]
 
     def env(run: Run) -> dict:
         from benchmarks import gpu_check
@@ -114,9 +122,9 @@ def _sanitizer(name: str, tool: str, size: str):
     return argv, env
 
 
-_MEMCHECK_SMALL = _sanitizer("memcheck-small", "memcheck", "small")
-_MEMCHECK_TILES = _sanitizer("memcheck-tiles", "memcheck", "tiles")
-_RACECHECK = _sanitizer("racecheck", "racecheck", "tiles")
+_MEMCHECK_SMALL = _sanitizer("memcheck", "small")
+_MEMCHECK_TILES = _sanitizer("memcheck", "tiles")
+_RACECHECK = _sanitizer("racecheck", "tiles")
 # compute-sanitizer refuses the device on some machines' runtimes (gVisor: "Device not
 # supported", then error 999 at the first allocation): that says nothing of our kernels.
 SANITIZER_REFUSED = ("Device not supported",)
@@ -128,8 +136,7 @@ def _correct(backend: str):
     def argv(run: Run) -> list:
         workers = 2 if run.dry_run else (min(12, run.cores) if backend == "triton" else 4)
         return [PY, "-m", "benchmarks.gpu_correct", "--backend", backend, "--workers", str(workers),
-                "--case-timeout", "60" if run.dry_run else "120", "--rows", run.rows(f"correct-{backend}")] + \
-            (["--dry-run"] if run.dry_run else [])
+                "--case-timeout", "60" if run.dry_run else "120"] + (["--dry-run"] if run.dry_run else [])
     return argv
 
 
@@ -138,13 +145,13 @@ def _goals(backend: str):
         out = str(run.work / f"goals-{backend}")
         if run.dry_run:
             return [PY, "-m", "benchmarks.goals", "--smoke", "--backend", backend if backend == "triton" else "torch",
-                    "--rows", run.rows(f"goals-{backend}"), "--out", out]
-        return [PY, "-m", "benchmarks.goals", "--backend", backend, "--rows", run.rows(f"goals-{backend}"), "--out", out]
+                    "--out", out]
+        return [PY, "-m", "benchmarks.goals", "--backend", backend, "--out", out]
     return argv
 
 
 def _lane(run: Run) -> list:
-    return [PY, "-m", "benchmarks.gpu_lane", "--rows", run.rows("lane")] + (["--dry-run"] if run.dry_run else [])
+    return [PY, "-m", "benchmarks.gpu_lane"] + (["--dry-run"] if run.dry_run else [])
 
 
 # Triton kernels compiled before the lease (benchmarks/lease_cache.py prepare, in a venv with
@@ -184,29 +191,13 @@ def cache_report(installed: list) -> dict:
                             "the epoch at install; 0 on a file system mounted noatime)")
 
 
-def _suite(run: Run) -> Optional[list]:
-    if run.dry_run:
-        return None
-    return [PY, "-m", "benchmarks.suite", "--workers", str(min(8, run.cores)), "--rows", run.rows("suite")]
-
-
-def _bench(run: Run) -> Optional[list]:
-    if run.dry_run:
-        return None
-    return [PY, "-m", "proper.apps.bench", "--device", "cuda", "--quick", "--out", str(run.work / "bench")]
-
-
-def _bench_op(run: Run) -> Optional[list]:
-    if run.dry_run:
-        return None
-    return [PY, "-m", "benchmarks.bench_op", "--device", "cuda", "--dtype", "bf16", "--out", str(run.work / "bench-op" / "op.json")]
-
-
-def _bench_router(run: Run) -> Optional[list]:
-    if run.dry_run:
-        return None
-    return [PY, "-m", "benchmarks.bench_router", "--device", "cuda", "--dtype", "bf16",
-            "--out", str(run.work / "bench-router" / "router.json")]
+_suite = _gpu_only(lambda run: [PY, "-m", "benchmarks.suite", "--workers", str(min(8, run.cores))])
+_bench = _gpu_only(lambda run: [PY, "-m", "proper.apps.bench", "--device", "cuda", "--quick",
+                                "--out", run.work / "bench"])
+_bench_op = _gpu_only(lambda run: [PY, "-m", "benchmarks.bench_op", "--device", "cuda", "--dtype", "bf16",
+                                   "--out", run.work / "bench-op" / "op.json"])
+_bench_router = _gpu_only(lambda run: [PY, "-m", "benchmarks.bench_router", "--device", "cuda", "--dtype", "bf16",
+                                       "--out", run.work / "bench-router" / "router.json"])
 
 
 # The lease's phases, in the order they run: correctness first (both backends), then the
@@ -214,7 +205,7 @@ def _bench_router(run: Run) -> Optional[list]:
 # phase that finishes early leaves its time to the next.
 PHASES = (
     Phase("triton-cache", "the Triton kernels compiled before the lease, put where the runtime finds them, and "
-          "their C launchers built", _cache_install, 30, 1,
+          "their C launchers built", _cache_install, 30, 1, rows=False,
           why_not="no carried cache (build/lease/triton-cache-sm90, from `python -m benchmarks.lease_cache prepare` "
           "with the image's torch and triton), or a dry run (the interpreter compiles nothing)"),
     Phase("correct-triton", "the Triton backend against the float64 reference: 17 curated cases, forward and every "
@@ -239,11 +230,11 @@ PHASES = (
     Phase("suite", "the whole test suite on the GPU, spread over the cores", _suite, 540, 1, needs_build=True,
           why_not="the suite runs in CI itself", default=False),
     Phase("bench", "proper bench --device cuda --quick (op, block, ~1B model)", _bench, 480, 1, needs_build=True,
-          why_not="a GPU benchmark", default=False, embeds=True),
+          why_not="a GPU benchmark", default=False, embeds=True, rows=False),
     Phase("bench-op", "benchmarks.bench_op: the op's goal cases in every mode", _bench_op, 300, 1, needs_build=True,
-          why_not="a GPU benchmark", default=False, embeds=True),
+          why_not="a GPU benchmark", default=False, embeds=True, rows=False),
     Phase("bench-router", "benchmarks.bench_router: router_topk against eager PyTorch", _bench_router, 120, 1,
-          why_not="a GPU benchmark", default=False, embeds=True),
+          why_not="a GPU benchmark", default=False, embeds=True, rows=False),
 )
 PHASE_NAMES = tuple(p.name for p in PHASES)
 
@@ -345,11 +336,11 @@ def _popen(argv: list, env: dict, log: Path) -> subprocess.Popen:
         filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), **env)
     if env.get("TRITON_INTERPRET") != "1":  # only the phases that ask for the interpreter get it
         full.pop("TRITON_INTERPRET", None)
-    f = open(log, "wb")
-    f.write(("$ " + " ".join(str(a) for a in argv) + "\n").encode())
-    f.flush()
-    return subprocess.Popen([str(a) for a in argv], cwd=ROOT, env=full, stdout=f, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    with open(log, "wb") as f:  # the child keeps its own copy of the descriptor
+        f.write(("$ " + " ".join(str(a) for a in argv) + "\n").encode())
+        f.flush()
+        return subprocess.Popen([str(a) for a in argv], cwd=ROOT, env=full, stdout=f, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -423,7 +414,8 @@ class Lease:
         if limit < MIN_START_S:
             rec["summary"] = f"the budget was spent ({max(0.0, self.left()):.0f} s left, {RESERVE_S:.0f} s kept back)"
             return rec
-        proc = _popen(argv, phase.env(self.run), log)
+        rows = ["--rows", self.run.rows(phase.name)] if phase.rows else []
+        proc = _popen(argv + rows, phase.env(self.run), log)
         try:
             rc = proc.wait(timeout=limit)
             rec["state"] = "ok" if rc == 0 else "fail"
@@ -440,7 +432,7 @@ class Lease:
             if proc.poll() is None:
                 _kill(proc)
         rec["seconds"] = round(time.time() - t0, 1)
-        rec["rows"] = len(read_rows(Path(self.run.rows(phase.name))))
+        rec["rows"] = len(read_rows(self.run.rows(phase.name)))
         return rec
 
     def write(self) -> None:
@@ -463,7 +455,7 @@ class Lease:
         _atomic_json(self.out / "status.json", status)
         rows = []
         for p in self.phases:
-            rows += read_rows(Path(self.run.rows(p.name)))
+            rows += read_rows(self.run.rows(p.name))
         files = {}  # the JSON results of the phases that write files of their own (benchmarks)
         for p in self.phases:
             if p.embeds:

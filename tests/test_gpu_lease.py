@@ -72,6 +72,9 @@ def test_the_dry_run_lists_every_phase_in_at_most_three_files(dry_run):
     for name in ("memcheck-small", "memcheck-tiles", "racecheck"):
         assert by[name]["state"] == "skipped" and "GPU" in by[name]["summary"]
     assert by["triton-cache"]["state"] == "skipped" and "dry run" in by["triton-cache"]["summary"]
+    for phase in lease.PHASES:  # each phase's rows file is the one the lease reads (it passes --rows itself)
+        if phase.rows and by.get(phase.name, {}).get("state") == "ok":
+            assert by[phase.name]["rows"] > 0, phase.name
     # Every case of both correctness phases has its row, within tolerance on the CPU.
     correct = [r for r in results["rows"] if r.get("phase", "").startswith("correct-")]
     assert {r["case"] for r in correct if r["backend"] == "triton"} == {c.name for c in gpu_correct.CASES}
