@@ -157,23 +157,33 @@ def make_case(dev, size: str = "small", T: Optional[int] = None) -> dict:
         user_A=rnd(N, r_u, d_in) * (0.5 * a), user_B=rnd(N, d_out, r_u) * (0.5 * b), user_scaling=0.5)
 
 
-def _rel(a, b) -> float:
-    """The largest difference of `a` from `b`, relative to `b`'s largest magnitude."""
+def rel_error(a, b) -> float:
+    """The largest difference of `a` from `b`, relative to `b`'s largest magnitude (0 when
+    both are empty)."""
+    if b.numel() == 0:
+        return 0.0
     return float((a.detach().double() - b.detach()).abs().max() / b.detach().abs().max().clamp_min(1e-30))
+
+
+def cast(case: dict, dtype: torch.dtype) -> tuple[dict, dict]:
+    """(the case's floating tensors in `dtype`, the same values in float64: the reference's
+    inputs); other entries as they are."""
+    low = {n: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for n, v in case.items()}
+    hi = {n: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for n, v in low.items()}
+    return low, hi
 
 
 def errors(fn, case, dtype, train=True, **kw):
     """Relative errors of y (and of every gradient when `train`) against the reference."""
     from proper_kernels import reference
 
-    low = {n: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for n, v in case.items()}
-    hi = {n: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for n, v in low.items()}
+    low, hi = cast(case, dtype)
     if not train:
         with torch.no_grad():
             y, routing = fn(**dict(low, **kw))
         y64, r64 = reference.proper_linear(**hi)
         _sync()
-        return {"y": _rel(y, y64), "gates": _rel(routing.gates, r64.gates)}
+        return {"y": rel_error(y, y64), "gates": rel_error(routing.gates, r64.gates)}
     # the loss is a mean over the tokens, so that fp16 gradients of many tokens stay in range
     T = case["x"].shape[0]
     ins = {n: low[n].clone().requires_grad_(True) for n in TRAINED}
@@ -183,8 +193,8 @@ def errors(fn, case, dtype, train=True, **kw):
     y64, r64 = reference.proper_linear(**dict(hi, **ins64))
     ((y64.square().sum() + r64.logits.sum() + r64.gates.sum()) / T).backward()
     _sync()
-    out = {"y": _rel(y, y64)}
-    out.update({n: _rel(ins[n].grad, ins64[n].grad) for n in TRAINED})
+    out = {"y": rel_error(y, y64)}
+    out.update({n: rel_error(ins[n].grad, ins64[n].grad) for n in TRAINED})
     return out
 
 
@@ -275,7 +285,7 @@ def cuda_checks(dev, checks: Checks) -> bool:
             gates.double().square().sum().backward()
             g64.square().sum().backward()
             _sync()
-            return {"gates": _rel(gates, g64), "dlogits": _rel(logits.grad, ref_in.grad)}
+            return {"gates": rel_error(gates, g64), "dlogits": rel_error(logits.grad, ref_in.grad)}
 
         ok &= checks.run("cuda router_topk", dtype, router)
     return ok

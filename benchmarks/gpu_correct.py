@@ -140,21 +140,16 @@ def backend_fn(backend: str, c: Case):
     return lambda **kw: triton_linear.proper_linear(**kw, strategy=c.strategy)
 
 
-def _rel(a, b) -> float:
-    return float((a.detach().double() - b.detach()).abs().max() / b.detach().abs().max().clamp_min(1e-30)) \
-        if b.numel() else 0.0
-
-
 def run_case(c: Case, backend: str, device) -> dict:
     """Errors of one case against the float64 reference, and whether they pass."""
     import torch
 
+    from benchmarks.gpu_check import cast, rel_error
     from proper_kernels import reference
 
     dtype = getattr(torch, c.dtype)
     hi = make_inputs(c, device)
-    low = {n: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for n, v in hi.items()}
-    ref_in = {n: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for n, v in low.items()}
+    low, ref_in = cast(hi, dtype)
     names = [n for n in TRAINED if low[n] is not None]
     fn = backend_fn(backend, c)
     t0 = time.perf_counter()
@@ -177,9 +172,10 @@ def run_case(c: Case, backend: str, device) -> dict:
     seconds = time.perf_counter() - t0
     tol = TOL[c.dtype]
     weighty = r64.gates > 1e-6
-    errors = {"y": _rel(y, y64), "logits": _rel(routing.logits, r64.logits), "gates": _rel(routing.gates, r64.gates)}
+    errors = {"y": rel_error(y, y64), "logits": rel_error(routing.logits, r64.logits),
+              "gates": rel_error(routing.gates, r64.gates)}
     if c.train:
-        errors.update({f"d{n}": _rel(ins[n].grad, ins64[n].grad) if ins[n].grad is not None else float("inf")
+        errors.update({f"d{n}": rel_error(ins[n].grad, ins64[n].grad) if ins[n].grad is not None else float("inf")
                        for n in names})
     flips = int((routing.indices != r64.indices)[weighty].sum())
     limit = {n: (2 * tol if n.startswith("d") else tol) for n in errors}
@@ -339,18 +335,15 @@ def recorded(c: Case, target: str = "sm90") -> list:
 
 
 def specializations(cases: list[Case], target: str = "sm90") -> int:
-    """Distinct Triton kernel specializations the cases compile on a GPU (:func:`recorded`):
-    kernel, constexprs, warps, stages, argument dtypes, and the JIT's integer specialization
-    (== 1, divisible by 16)."""
-    import torch
+    """Distinct Triton kernel specializations the cases compile on a GPU (:func:`recorded`),
+    each specialized as Triton's JIT does and keyed as the compile gate keys its builds."""
+    from proper_kernels.compile_check import _key, _specialise
 
     keys = set()
     for c in cases:
         for ln in recorded(c, target):
-            sig = tuple(str(a.dtype) if isinstance(a, torch.Tensor) else
-                        (a == 1, a % 16 == 0) if isinstance(a, int) and not isinstance(a, bool) else type(a).__name__
-                        for a in ln.args)
-            keys.add((ln.name, tuple(sorted(ln.consts.items())), ln.num_warps, ln.num_stages, sig))
+            src, options, _ = _specialise(ln, target)
+            keys.add(_key(src, options, target))
     return len(keys)
 
 
