@@ -43,8 +43,8 @@ import torch
 
 import proper_kernels
 from benchmarks.rows import RowSink, summary
-from proper.apps.bench.timing import (HostSyncError, Timing, measure_peaks, no_host_sync, time_interleaved,
-                                      timer_description)
+from proper.apps.bench.timing import (HostSyncError, Timing, capture_graph, measure_peaks, no_host_sync,
+                                      time_interleaved, timer_description)
 from proper_kernels import cost
 from proper_kernels._checks import check_id_range
 from proper_kernels.plan import build_plan
@@ -201,21 +201,6 @@ def sync_check(fns: dict, grads: dict, device: torch.device) -> dict[str, Option
     return out
 
 
-def capture(fn: Callable, device: torch.device):
-    """fn captured in a CUDA graph over its static inputs (warmed up on a side stream first, as
-    benchmarks/gpu_lane.py does): (graph, its static output)."""
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
-
-
 def graph_timings(v: Variants, run: Run) -> tuple[dict, dict]:
     """The forward variants as CUDA-graph replays: ({name_graph: Timing}, {status, note}),
     timed by the same timer; on the CPU, skipped (no timings)."""
@@ -223,7 +208,7 @@ def graph_timings(v: Variants, run: Run) -> tuple[dict, dict]:
         return {}, dict(status="skipped", note=CPU_GRAPH_NOTE)
     try:
         with torch.no_grad():
-            graphs = {f"{n}_graph": capture(v.forward[n], run.device) for n in FORWARD}
+            graphs = {f"{n}_graph": capture_graph(v.forward[n], run.device) for n in FORWARD}
             timings = time_interleaved({n: g.replay for n, (g, _) in graphs.items()}, run.device, run.rounds,
                                        budget_ms=run.budget_ms)
     except Exception as e:  # a capture failure is a result of the case, reported as a failure

@@ -37,7 +37,7 @@ import torch.nn as nn
 import proper
 import proper_kernels
 from benchmarks.rows import RowSink, summary
-from proper.apps.bench.timing import HostSyncError, no_host_sync
+from proper.apps.bench.timing import HostSyncError, capture_graph, no_host_sync
 from proper_kernels import cost
 from proper_kernels._checks import check_id_range
 
@@ -180,18 +180,7 @@ def cuda_graph_problem(model, x, users) -> Optional[str]:
         zero()
         run()
         eager = [p.grad.clone() for p in params]
-        # capture the step once (on a side stream, after a warm-up there), replay it
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                zero()
-                run()
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        zero()
-        with torch.cuda.graph(graph):
-            run()
+        graph, _ = capture_graph(lambda: (zero(), run()), x.device)  # the step once, then replayed
         graph.replay()
         torch.cuda.synchronize()
     for p, g in zip(params, eager):

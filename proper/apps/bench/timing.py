@@ -123,6 +123,22 @@ def time_interleaved(fns: Mapping[Hashable, Callable[[], object]], device: torch
     return {n: _quantiles(t) for n, t in times.items()}
 
 
+def capture_graph(fn: Callable[[], object], device: torch.device, warmup: int = 2):
+    """`fn` captured in a CUDA graph over its static inputs: (graph, its static output).
+    It runs `warmup` times on a side stream first (allocator, autograd and JIT state), as
+    torch.cuda.graph requires; ``graph.replay()`` then reruns it on the same memory."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def peak_mib(fn: Callable[[], object], device: torch.device) -> Optional[float]:
     """Peak memory of one call of fn over the memory allocated just before it (CUDA only)."""
     if device.type != "cuda":
