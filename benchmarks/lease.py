@@ -191,7 +191,16 @@ def cache_report(installed: list) -> dict:
                             "the epoch at install; 0 on a file system mounted noatime)")
 
 
-_suite = _gpu_only(lambda run: [PY, "-m", "benchmarks.suite", "--workers", str(min(8, run.cores))])
+def _suite(run: Run) -> Optional[list]:
+    """The test suite without the emulator's cases (they run in CI), over the cores with
+    pytest-xdist (the image has it; one process without it), test files kept together."""
+    if run.dry_run:
+        return None
+    import importlib.util
+
+    spread = ["-n", str(min(8, run.cores)), "--dist", "loadfile"] if importlib.util.find_spec("xdist") else []
+    return [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not emu", *spread,
+            "--junitxml", run.work / "suite" / "junit.xml"]
 _bench = _gpu_only(lambda run: [PY, "-m", "proper.apps.bench", "--device", "cuda", "--quick",
                                 "--out", run.work / "bench"])
 _bench_op = _gpu_only(lambda run: [PY, "-m", "benchmarks.bench_op", "--device", "cuda", "--dtype", "bf16",
@@ -228,7 +237,7 @@ PHASES = (
           refused=SANITIZER_REFUSED),
     # Later leases, each sized to one call: --phase NAME.
     Phase("suite", "the whole test suite on the GPU, spread over the cores", _suite, 540, 1, needs_build=True,
-          why_not="the suite runs in CI itself", default=False),
+          why_not="the suite runs in CI itself", default=False, rows=False),
     Phase("bench", "proper bench --device cuda --quick (op, block, ~1B model)", _bench, 480, 1, needs_build=True,
           why_not="a GPU benchmark", default=False, embeds=True, rows=False),
     Phase("bench-op", "benchmarks.bench_op: the op's goal cases in every mode", _bench_op, 300, 1, needs_build=True,
