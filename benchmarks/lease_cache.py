@@ -172,22 +172,31 @@ def _compile_one(launch, target: str, prune: bool) -> tuple[str, dict]:
                             signature=list(src.signature.values()))
 
 
-def prepare(out_dir, launches, target: str = "sm90", prune: bool = True, labels: Optional[list] = None) -> dict:
-    """Compile `launches` (proper_kernels.launch.Launch, as compile_check.record returns them)
-    for `target` into the Triton cache `out_dir`, drop the IR files (unless not `prune`),
-    and write the manifest install() reads. Returns the manifest."""
-    import triton
-
+def prepare(out_dir, jobs: list, target: str = "sm90", prune: bool = True, workers: int = 1) -> dict:
+    """Compile the recorded launches `jobs` ((source, case, dtype, index): :func:`_launches`)
+    for `target` into the Triton cache `out_dir`, in `workers` processes, drop the IR files
+    (unless not `prune`), and write the manifest install() reads. Returns the manifest."""
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    tasks = [(source, case, dtype, target, index, prune) for source, case, dtype, index in jobs]
+    was = os.environ.get("TRITON_CACHE_DIR")
+    os.environ["TRITON_CACHE_DIR"] = str(out)  # where triton.compile writes, here and in the workers
     entries = {}
-    with triton.knobs.cache.scope():
-        triton.knobs.cache.dir = str(out)
-        for i, launch in enumerate(launches):
-            name, entry = _compile_one(launch, target, prune)
-            if labels is not None:
-                entry["launch"] = labels[i]
-            entries.setdefault(name, entry)
+    try:
+        if workers > 1:
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                built = list(pool.map(_prepare_job, tasks))
+        else:
+            built = [_prepare_job(t) for t in tasks]
+    finally:
+        if was is None:
+            os.environ.pop("TRITON_CACHE_DIR")
+        else:
+            os.environ["TRITON_CACHE_DIR"] = was
+    for name, entry in built:
+        entries.setdefault(name, entry)  # a launch recorded twice: keep the build, not the hit
     return _write_manifest(out, target, entries)
 
 
@@ -390,30 +399,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         for kernel, same in rows:
             print(f"{kernel}: {'same cubin' if same else 'DIFFERENT cubin'}")
         return 0 if rows and all(s for _, s in rows) else 1
-    from concurrent.futures import ProcessPoolExecutor
-
+    from benchmarks import gpu_correct
     from proper_kernels.compile_check import ROUTER_CASES, record
     from proper_kernels.cost import CASES
 
-    from benchmarks import gpu_correct
-
     names = args.case or [c.name for c in CASES] + [c[0] for c in ROUTER_CASES]
     dtypes = tuple(args.dtype or ("bfloat16", "float16"))
-    jobs = [("goal", c, d, args.target, i, not args.keep_ir) for c in names for d in dtypes
-            for i in range(len(record(c, d, args.target)))]
+    jobs = [("goal", c, d, i) for c in names for d in dtypes for i in range(len(record(c, d, args.target)))]
     if not args.case:  # the lease's correctness cases too
-        jobs += [("correct", c.name, c.dtype, args.target, i, not args.keep_ir) for c in gpu_correct.CASES
+        jobs += [("correct", c.name, c.dtype, i) for c in gpu_correct.CASES
                  for i in range(len(gpu_correct.recorded(c, args.target)))]
     out = args.dir.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    os.environ["TRITON_CACHE_DIR"] = str(out)
     start = time.perf_counter()
-    entries = {}
-    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for name, entry in pool.map(_prepare_job, jobs):
-            entries.setdefault(name, entry)  # a launch recorded twice: keep the build, not the hit
+    entries = prepare(out, jobs, args.target, not args.keep_ir, max(1, args.jobs))["entries"]
     wall = time.perf_counter() - start
-    _write_manifest(out, args.target, entries)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"lease_cache prepare: {len(jobs)} launches, {len(entries)} kernels, {count(out)} in {out}, "
           f"{size / 2**20:.1f} MiB, {wall:.1f} s wall, {sum(e['seconds'] for e in entries.values()):.1f} s compiling")

@@ -100,7 +100,7 @@ E2E = textwrap.dedent("""
 
     tmp = Path(sys.argv[1])
     launch = record("router-E8-k2", "bfloat16", "sm90")[0]
-    lease_cache.prepare(tmp / "here", [launch])
+    lease_cache.prepare(tmp / "here", [("goal", "router-E8-k2", "bfloat16", 0)])
     shutil.move(tmp / "here", tmp / "carried")
     info = lease_cache.install(tmp / "carried", tmp / "gpu")
     before = lease_cache.count(tmp / "gpu")
