@@ -48,6 +48,7 @@ machine at once, in parallel.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -148,6 +149,21 @@ def _state(arch: int = 90) -> dict:
 
 # -- prepare ----------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _cache_dir(path: Path):
+    """TRITON_CACHE_DIR set to `path` inside the block (for this process and the workers it
+    starts), as it was after."""
+    was = os.environ.get("TRITON_CACHE_DIR")
+    os.environ["TRITON_CACHE_DIR"] = str(path)
+    try:
+        yield
+    finally:
+        if was is None:
+            os.environ.pop("TRITON_CACHE_DIR")
+        else:
+            os.environ["TRITON_CACHE_DIR"] = was
+
+
 def _compile_one(launch, target: str, prune: bool) -> tuple[str, dict]:
     """Compile one recorded launch into the current Triton cache: (key directory, entry)."""
     import triton
@@ -179,10 +195,8 @@ def prepare(out_dir, jobs: list, target: str = "sm90", prune: bool = True, worke
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     tasks = [(source, case, dtype, target, index, prune) for source, case, dtype, index in jobs]
-    was = os.environ.get("TRITON_CACHE_DIR")
-    os.environ["TRITON_CACHE_DIR"] = str(out)  # where triton.compile writes, here and in the workers
     entries = {}
-    try:
+    with _cache_dir(out):  # where triton.compile writes, here and in the workers
         if workers > 1:
             from concurrent.futures import ProcessPoolExecutor
 
@@ -190,11 +204,6 @@ def prepare(out_dir, jobs: list, target: str = "sm90", prune: bool = True, worke
                 built = list(pool.map(_prepare_job, tasks))
         else:
             built = [_prepare_job(t) for t in tasks]
-    finally:
-        if was is None:
-            os.environ.pop("TRITON_CACHE_DIR")
-        else:
-            os.environ["TRITON_CACHE_DIR"] = was
     for name, entry in built:
         entries.setdefault(name, entry)  # a launch recorded twice: keep the build, not the hit
     return _write_manifest(out, target, entries)
@@ -310,16 +319,9 @@ def launchers(src_dir, cache_dir=None, jobs: Optional[int] = None) -> list[str]:
 
     manifest = json.loads((Path(src_dir) / MANIFEST).read_text())
     sigs = [None] + [json.loads(s) for s in sorted({json.dumps(e["signature"]) for e in manifest["entries"].values()})]
-    was = os.environ.get("TRITON_CACHE_DIR")
-    os.environ["TRITON_CACHE_DIR"] = str(Path(cache_dir or triton.knobs.cache.dir).resolve())  # the workers'
-    try:
+    with _cache_dir(Path(cache_dir or triton.knobs.cache.dir).resolve()):  # the workers'
         with ProcessPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
             return [e for e in pool.map(_build_launcher, sigs) if e]
-    finally:
-        if was is None:
-            os.environ.pop("TRITON_CACHE_DIR")
-        else:
-            os.environ["TRITON_CACHE_DIR"] = was
 
 
 # -- check (on the GPU machine) ---------------------------------------------------------------
